@@ -1,0 +1,173 @@
+"""2D image sources: discovery of files in folders and CSV manifests, and validation before training.
+
+A source is either a folder (searched recursively; every non-hidden file is taken to be an image, so stray files
+are reported rather than silently ignored) or a CSV manifest with a header row and the columns ``path``
+(required; relative paths are resolved against the CSV's folder), ``label`` and ``source`` (both optional).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, load_image_2d
+
+logger = logging.getLogger("jointssl.data")
+
+OnBadFile = Literal["error", "skip"]
+
+# Files that live in image folders but are never images: DICOM media index files.
+_NON_IMAGE_NAMES = frozenset({"DICOMDIR"})
+_MANIFEST_SUFFIXES = frozenset({".csv"})
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One 2D image file: absolute path, source name (folder basename or manifest column), optional label."""
+
+    path: str
+    source: str
+    label: str | None = None
+
+
+def discover_images(sources: Sequence[str | Path], on_missing: OnBadFile = "error") -> list[ImageRecord]:
+    """List the image files of every source, in source order and sorted by path within each source.
+
+    Folders are searched recursively (hidden files and folders are skipped). CSV manifests list one file per row;
+    rows whose file does not exist raise one :class:`DataValidationError` naming the CSV and each row, or are
+    logged and dropped with ``on_missing="skip"``. A source that is neither an existing folder nor a ``.csv``
+    file raises ``FileNotFoundError`` / ``ValueError``.
+    """
+    records: list[ImageRecord] = []
+    missing: list[BadFileError] = []
+    for source in sources:
+        source_path = Path(source).expanduser()
+        if source_path.is_dir():
+            records.extend(_discover_folder(source_path))
+        elif source_path.is_file() and source_path.suffix.lower() in _MANIFEST_SUFFIXES:
+            found, not_found = _read_manifest(source_path)
+            records.extend(found)
+            missing.extend(not_found)
+        elif not source_path.exists():
+            raise FileNotFoundError(f"image source does not exist: {source_path}")
+        else:
+            raise ValueError(f"image source must be a folder or a .csv manifest, got the file {source_path}")
+    if missing:
+        _apply_policy(missing, on_missing, what="missing manifest entry")
+    return records
+
+
+def _discover_folder(folder: Path) -> list[ImageRecord]:
+    source_name = folder.resolve().name
+    paths: list[str] = []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        # Pruning in place stops os.walk from descending into hidden folders (.git, .ipynb_checkpoints, ...).
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name not in _NON_IMAGE_NAMES:
+                paths.append(os.path.abspath(os.path.join(directory, name)))
+    return [ImageRecord(path=p, source=source_name) for p in sorted(paths)]
+
+
+def _read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[BadFileError]]:
+    default_source = manifest.stem
+    records: list[ImageRecord] = []
+    missing: list[BadFileError] = []
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in columns:
+            raise ValueError(f"manifest {manifest}: needs a header row with a 'path' column, found {columns}")
+        for row_number, raw_row in enumerate(reader, start=1):
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw_row.items() if k is not None}
+            where = f"row {row_number} (line {reader.line_num})"
+            if not row.get("path"):
+                missing.append(BadFileError(manifest, f"{where}: empty path"))
+                continue
+            path = Path(row["path"]).expanduser()
+            if not path.is_absolute():
+                path = manifest.parent / path
+            if not path.is_file():
+                state = "is a folder, not a file" if path.is_dir() else "does not exist"
+                missing.append(
+                    BadFileError(manifest, f"{where}: {row['path']!r} {state} (resolved to {path})")
+                )
+                continue
+            records.append(
+                ImageRecord(
+                    path=os.path.abspath(path),
+                    source=row.get("source") or default_source,
+                    label=row.get("label") or None,
+                )
+            )
+    return records, missing
+
+
+def find_bad_files(
+    records: Sequence[ImageRecord], num_threads: int = 8, min_side: int = MIN_IMAGE_SIDE
+) -> list[BadFileError]:
+    """Decode every record once (in a thread pool: PIL and pydicom decoders release the GIL) and return the
+    problems, in record order."""
+
+    def check(record: ImageRecord) -> BadFileError | None:
+        try:
+            check_image_size(record.path, load_image_2d(record.path), min_side)
+        except BadFileError as error:
+            return error
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="jointssl-validate") as pool:
+        results = list(pool.map(check, records))
+    return [error for error in results if error is not None]
+
+
+def validate_images(
+    records: Sequence[ImageRecord],
+    on_bad_file: OnBadFile = "error",
+    num_threads: int = 8,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> list[ImageRecord]:
+    """Decode every image once and return the usable records.
+
+    ``on_bad_file="error"`` raises one :class:`DataValidationError` listing every bad file and its reason;
+    ``"skip"`` logs each bad file on the ``jointssl.data`` logger and drops it.
+    """
+    started = time.perf_counter()
+    bad = find_bad_files(records, num_threads=num_threads, min_side=min_side)
+    logger.info(
+        "validated %d images in %.1f s: %d bad", len(records), time.perf_counter() - started, len(bad)
+    )
+    return drop_bad_files(records, bad, on_bad_file)
+
+
+def drop_bad_files(
+    records: Sequence[ImageRecord], bad: Sequence[BadFileError], on_bad_file: OnBadFile, log: bool = True
+) -> list[ImageRecord]:
+    """Apply the bad-file policy to already-found problems: raise for ``"error"``, else drop (and log, when
+    ``log``; under DDP only rank 0 logs so that each file is reported once)."""
+    if not bad:
+        return list(records)
+    _apply_policy(bad, on_bad_file, what="bad image file", log=log)
+    bad_paths = {error.path for error in bad}
+    return [record for record in records if record.path not in bad_paths]
+
+
+def _apply_policy(
+    errors: Sequence[BadFileError], on_bad_file: OnBadFile, what: str, log: bool = True
+) -> None:
+    if on_bad_file == "error":
+        raise DataValidationError(errors)
+    if on_bad_file != "skip":
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    if log:
+        for error in errors:
+            logger.warning("skipping %s %s: %s", what, error.path, error.reason)
+        logger.warning("skipped %d %s(s) (on_bad_file=skip)", len(errors), what)

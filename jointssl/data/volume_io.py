@@ -1,0 +1,635 @@
+"""Loading, validation and discovery of 3D volumes: NIfTI (.nii/.nii.gz), NumPy (.npy), DICOM series folders.
+
+Every volume comes out as a float32 stack of 2D slices ``[N, H, W]`` in one documented anatomical layout:
+
+* NIfTI and DICOM volumes are read with MONAI (``LoadImage`` with ``NibabelReader`` / ``PydicomReader``),
+  reoriented to the canonical RAS frame with ``Orientation``, optionally resampled (``Spacing``, ``Resize``)
+  and then laid out as slices along the chosen axis, in radiological display convention:
+
+  ============  ===========================  ==========================  =========================
+  slice_axis    slices (index 0 -> N-1)      rows (top -> bottom)        columns (left -> right)
+  ============  ===========================  ==========================  =========================
+  axial         inferior -> superior         anterior -> posterior       patient right -> left
+  coronal       posterior -> anterior        superior -> inferior        patient right -> left
+  sagittal      patient left -> right        superior -> inferior        anterior -> posterior
+  ============  ===========================  ==========================  =========================
+
+  i.e. an axial slice shows the patient as seen from the feet, with the patient's right on the viewer's left.
+  Oblique acquisitions are not resampled: ``Orientation`` snaps them to the nearest canonical axes.
+* ``.npy`` volumes follow the layout of the paper's public code: ``H x W x D`` with no affine. Their axes are
+  taken as given (rows = H, columns = W, slices = the last axis) whatever ``slice_axis`` says, their spacing
+  is unknown and reported as 1 mm, and ``target_spacing`` does not apply to them.
+
+Intensities are normalised per volume to [0, 1]: CT by clipping a Hounsfield window, MR by clipping
+percentiles. ``modality="auto"`` uses the DICOM ``Modality`` tag when there is one (CT -> ct, MR -> mr), and
+otherwise the value range: a volume whose 1st percentile is at most -500 holds air in Hounsfield units and is
+CT; anything else is MR. A tightly cropped CT without air is therefore taken as MR: give its modality in the
+manifest or as an argument.
+
+Bad inputs raise :class:`~jointssl.data.errors.BadFileError` naming the file and the reason;
+:func:`validate_volumes` checks many files and reports every bad one at once (or logs and skips them).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom.misc
+import torch
+from monai.data import MetaTensor, NibabelReader, PydicomReader
+from monai.data.utils import affine_to_spacing
+from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Resize, Spacing
+from monai.utils import convert_to_tensor
+
+from jointssl.data.errors import BadFileError, DataValidationError
+
+logger = logging.getLogger("jointssl.data")
+
+Modality = Literal["ct", "mr"]
+ModalityChoice = Literal["ct", "mr", "auto"]
+SliceAxis = Literal["axial", "coronal", "sagittal"]
+Interpolation = Literal["linear", "nearest"]
+OnBadFile = Literal["error", "skip"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NUMPY_SUFFIX = ".npy"
+
+# For each slice axis: which RAS array axes become (slice, row, column). Rows and columns are then both
+# reversed, which gives the radiological layout of the module docstring (RAS index 0 is the patient's left /
+# posterior / inferior end, so reversing puts anterior or superior on top and the patient's right on the
+# left).
+_RAS_AXES_FOR_LAYOUT: dict[str, tuple[int, int, int]] = {
+    "axial": (2, 1, 0),
+    "coronal": (1, 2, 0),
+    "sagittal": (0, 2, 1),
+}
+# MONAI's historical axis labels; passing them explicitly keeps Orientation's meaning fixed across versions.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# Air is about -1000 HU; no MR scale puts 1% of a volume this far below zero.
+_CT_AIR_THRESHOLD_HU = -500.0
+_DICOM_HEADER_TAGS = [
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "Modality",
+]
+# Two slices closer than this along the normal are the same slice stored twice.
+_DUPLICATE_POSITION_MM = 1e-2
+# Relative deviation from the median slice gap above which a series has gaps or irregular spacing.
+_SLICE_GAP_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class RawVolume:
+    """A volume in the slice layout of this module, with its original intensity values (not normalised)."""
+
+    array: np.ndarray  # float32 [N_slices, H, W]
+    spacing: tuple[float, float, float]  # mm between slices, rows, columns
+    path: str
+    dicom_modality: Modality | None  # from the DICOM Modality tag; None for NIfTI/.npy or other modalities
+
+
+@dataclass(frozen=True)
+class LoadedVolume:
+    """A volume ready for augmentation: slices first, intensities normalised to [0, 1]."""
+
+    array: np.ndarray  # float32 [N_slices, H, W] in [0, 1]
+    spacing: tuple[float, float, float]  # mm between slices, rows, columns
+    path: str
+    modality: Modality  # the modality whose normalisation was applied
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """One volume found by :func:`discover_volumes`: a file or a DICOM series folder."""
+
+    path: str
+    source: str  # name of the folder or manifest it came from
+    modality: Modality | None = None  # None: decided when loading ("auto")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_volume(
+    path: str | os.PathLike,
+    modality: ModalityChoice = "auto",
+    slice_axis: SliceAxis = "axial",
+    in_plane_size: int | None = None,
+    target_spacing: tuple[float, float, float] | None = None,
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    mr_percentiles: tuple[float, float] = (0.5, 99.5),
+    min_slices: int = 3,
+) -> LoadedVolume:
+    """Read, validate, reorient, resample and normalise one volume.
+
+    Args:
+        path: a .nii/.nii.gz/.npy file or a folder holding one DICOM series.
+        modality: "ct" (clip ``hu_window``, scale to [0, 1]), "mr" (clip ``mr_percentiles``, scale), or "auto"
+            (see the module docstring for the rule).
+        slice_axis: the anatomical axis the slices are taken along (layout in the module docstring).
+        in_plane_size: resize every slice to this square size; None keeps the native in-plane size.
+        target_spacing: resample to this spacing in mm, in (slice, row, column) order; None keeps it.
+        hu_window: the Hounsfield window for CT.
+        mr_percentiles: the lower and upper percentiles for MR.
+        min_slices: fewer slices than this (before or after resampling) make the volume a bad file.
+
+    Raises:
+        BadFileError: the file cannot be read or is not a usable 3D volume.
+    """
+    if modality not in ("ct", "mr", "auto"):
+        raise ValueError(f"modality must be 'ct', 'mr' or 'auto', got {modality!r}")
+    raw = read_volume(path, slice_axis, in_plane_size, target_spacing, "linear", min_slices)
+    resolved = modality if modality != "auto" else infer_modality(raw)
+    if resolved == "ct":
+        normalised = _scale_to_unit(raw.array, *hu_window)
+    else:
+        normalised = _scale_to_unit(raw.array, *_robust_range(raw.array, mr_percentiles))
+    return LoadedVolume(array=normalised, spacing=raw.spacing, path=raw.path, modality=resolved)
+
+
+def read_volume(
+    path: str | os.PathLike,
+    slice_axis: SliceAxis = "axial",
+    in_plane_size: int | None = None,
+    target_spacing: tuple[float, float, float] | None = None,
+    interpolation: Interpolation = "linear",
+    min_slices: int = 3,
+) -> RawVolume:
+    """Read and validate one volume and bring it into the slice layout, keeping its original values.
+
+    This is :func:`load_volume` without intensity normalisation; use ``interpolation="nearest"`` for label
+    maps so that they land on exactly the grid of their image.
+    """
+    if slice_axis not in _RAS_AXES_FOR_LAYOUT:
+        raise ValueError(f"slice_axis must be one of {sorted(_RAS_AXES_FOR_LAYOUT)}, got {slice_axis!r}")
+    path_str = str(path)
+    kind = volume_kind(path_str)
+    if kind == "npy":
+        array = _read_npy(path_str)
+        spacing = (1.0, 1.0, 1.0)
+        dicom_modality = None
+    else:
+        if kind == "nifti":
+            _check_nifti_header(path_str)
+            image = _decode(path_str, _nifti_loader())
+            dicom_modality = None
+        else:
+            dicom_modality = _check_dicom_series(path_str, min_slices)
+            image = _decode(path_str, _dicom_loader())
+        array, spacing = _to_slice_layout(
+            image, path_str, slice_axis, target_spacing, interpolation, min_slices
+        )
+    _check_voxel_values(array, path_str)
+    _check_slice_count(array, path_str, min_slices)
+    if in_plane_size is not None:
+        rows, cols = array.shape[1:]
+        array = _resize_in_plane(array, in_plane_size, interpolation)
+        # The field of view is kept, so the pixel size grows by the shrink factor.
+        spacing = (spacing[0], spacing[1] * rows / in_plane_size, spacing[2] * cols / in_plane_size)
+    return RawVolume(np.ascontiguousarray(array, dtype=np.float32), spacing, path_str, dicom_modality)
+
+
+def infer_modality(volume: RawVolume) -> Modality:
+    """The "auto" rule: the DICOM Modality tag if it says CT or MR, else CT iff the 1st percentile is air in
+    HU."""
+    if volume.dicom_modality is not None:
+        return volume.dicom_modality
+    return "ct" if float(np.percentile(volume.array, 1.0)) <= _CT_AIR_THRESHOLD_HU else "mr"
+
+
+def volume_kind(path: str) -> Literal["nifti", "npy", "dicom"]:
+    """Which reader a path needs; raises BadFileError for anything that is not a volume."""
+    if os.path.isdir(path):
+        return "dicom"
+    if not os.path.exists(path):
+        raise BadFileError(path, "file does not exist")
+    lower = path.lower()
+    if lower.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if lower.endswith(NUMPY_SUFFIX):
+        return "npy"
+    if pydicom.misc.is_dicom(path):
+        raise BadFileError(
+            path, "a single DICOM file is one slice; pass the folder that holds the whole series"
+        )
+    raise BadFileError(
+        path, "unsupported volume format; expected .nii, .nii.gz, .npy or a DICOM series folder"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers
+
+
+class _SliceNormalPydicomReader(PydicomReader):
+    """MONAI's PydicomReader, but stacking a series by position along the slice normal.
+
+    MONAI stacks by InstanceNumber, which some scanners assign in acquisition order, and silently drops slices
+    without one; the affine then assumes the stack is ordered along the normal. Renumbering the (freshly read,
+    private) datasets by their position makes the stack and the affine agree.
+    """
+
+    def _combine_dicom_series(self, data, filenames):
+        positions = [_position_along_normal(ds) for ds in data]
+        for rank, index in enumerate(np.argsort(positions, kind="stable")):
+            data[index].InstanceNumber = rank
+        return super()._combine_dicom_series(data, filenames)
+
+
+@functools.cache
+def _nifti_loader() -> LoadImage:
+    # squeeze_non_spatial_dims turns (X, Y, Z, 1) into (X, Y, Z); true 4D files are rejected from the header.
+    return _quiet_load_image(NibabelReader(squeeze_non_spatial_dims=True))
+
+
+@functools.cache
+def _dicom_loader() -> LoadImage:
+    # fname_regex=None: only files that are DICOM (preamble + "DICM") belong to the series, not stray files.
+    return _quiet_load_image(_SliceNormalPydicomReader(fname_regex=None))
+
+
+def _quiet_load_image(reader) -> LoadImage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LoadImage registers optional GPU readers and warns they are missing
+        return LoadImage(reader=reader, image_only=True, dtype=np.float32)
+
+
+def _decode(path: str, loader: LoadImage) -> MetaTensor:
+    """Decode with MONAI; any failure here means unreadable data (truncated gzip, broken codec stream,
+    ...)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns about optional GPU codecs on every call
+            image = loader(path)
+    except BadFileError:
+        raise
+    except Exception as error:  # readers raise many types; all mean "cannot decode this file"
+        raise BadFileError(path, f"cannot decode the image data ({type(error).__name__}: {error})") from error
+    return image
+
+
+def _read_npy(path: str) -> np.ndarray:
+    """An H x W x D array (optionally H x W x D x 1) as [D, H, W] float32."""
+    if os.path.getsize(path) == 0:
+        raise BadFileError(path, "empty file (0 bytes)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy raises ValueError/OSError/EOFError/UnpicklingError
+        raise BadFileError(path, f"not a readable .npy array ({type(error).__name__}: {error})") from error
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    _check_dimensionality(path, array.shape)
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise BadFileError(path, f"array of dtype {array.dtype}; a real-valued numeric volume is expected")
+    return np.moveaxis(array.astype(np.float32, copy=False), 2, 0)
+
+
+def _to_slice_layout(
+    image: MetaTensor,
+    path: str,
+    slice_axis: SliceAxis,
+    target_spacing: tuple[float, float, float] | None,
+    interpolation: Interpolation,
+    min_slices: int,
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reorient to RAS, optionally resample, and lay the slices out as [slice, row, column]."""
+    image = EnsureChannelFirst()(image)
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise BadFileError(
+            path, f"decoded to shape {tuple(image.shape)}; a single-channel 3D volume is expected"
+        )
+    image = Orientation(axcodes="RAS", labels=_RAS_LABELS)(image)
+    layout = _RAS_AXES_FOR_LAYOUT[slice_axis]
+    # Checked before resampling too: a 2-slice volume interpolated to more slices is still a 2-slice volume.
+    _check_slice_count_value(image.shape[1 + layout[0]], path, min_slices)
+    if target_spacing is not None:
+        if len(target_spacing) != 3 or min(target_spacing) <= 0:
+            raise ValueError(
+                f"target_spacing must be 3 positive numbers (slice, row, col), got {target_spacing}"
+            )
+        ras_spacing = [0.0, 0.0, 0.0]
+        for layout_axis, ras_axis in enumerate(layout):
+            ras_spacing[ras_axis] = float(target_spacing[layout_axis])
+        mode = "bilinear" if interpolation == "linear" else "nearest"
+        image = Spacing(pixdim=ras_spacing, mode=mode, padding_mode="border")(image)
+    ras_spacing_mm = affine_to_spacing(image.affine, r=3).tolist()
+    array = image[0].numpy() if isinstance(image, torch.Tensor) else np.asarray(image[0])
+    array = np.flip(np.transpose(array, layout), axis=(1, 2))
+    # Rounded to 1e-6 mm: affines stored in float32 give 6.4999998 for 6.5.
+    spacing = tuple(round(float(ras_spacing_mm[axis]), 6) for axis in layout)
+    return array, spacing  # type: ignore[return-value]
+
+
+def _resize_in_plane(array: np.ndarray, size: int, interpolation: Interpolation) -> np.ndarray:
+    """Resize every slice to size x size (no interpolation across slices)."""
+    if size < 1:
+        raise ValueError(f"in_plane_size must be positive, got {size}")
+    resized = resize_slices(torch.from_numpy(np.ascontiguousarray(array)), size, interpolation)
+    return resized.numpy()
+
+
+def resize_slices(slices: torch.Tensor, size: int, interpolation: Interpolation = "linear") -> torch.Tensor:
+    """Resize a stack ``[N, H, W]`` to ``[N, size, size]``, each slice on its own.
+
+    The slices are MONAI's channels here, so a 2D resize treats them alike and never mixes them. Shrinking
+    uses area averaging (anti-aliased and much faster than a Gaussian prefilter), enlarging bilinear.
+    """
+    if tuple(slices.shape[1:]) == (size, size):
+        return slices
+    rows, cols = slices.shape[1:]
+    if interpolation == "nearest":
+        resize = Resize(spatial_size=(size, size), mode="nearest")
+    elif min(rows, cols) >= size:
+        resize = Resize(spatial_size=(size, size), mode="area")
+    else:
+        # anti_aliasing only acts on an axis that shrinks (one side larger than size, the other smaller).
+        resize = Resize(spatial_size=(size, size), mode="bilinear", anti_aliasing=max(rows, cols) > size)
+    return convert_to_tensor(resize(slices), track_meta=False)
+
+
+def _scale_to_unit(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to [low, high] and map linearly to [0, 1]."""
+    if not high > low:
+        raise ValueError(f"intensity window must have high > low, got ({low}, {high})")
+    scaled = (np.clip(array, low, high) - low) / (high - low)
+    return scaled.astype(np.float32, copy=False)
+
+
+def _robust_range(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The percentile range, or the full range when the percentiles coincide (e.g. a mostly-empty volume)."""
+    low, high = (float(v) for v in np.percentile(array, percentiles))
+    if high > low:
+        return low, high
+    return float(array.min()), float(array.max())  # not constant: that was rejected when reading
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_nifti_header(path: str) -> None:
+    """Reject from the header alone: empty/corrupt files, non-NIfTI content, 2D or 4D images, bad voxel
+    sizes."""
+    if os.path.getsize(path) == 0:
+        raise BadFileError(path, "empty file (0 bytes)")
+    try:
+        image = nib.load(path)
+        header = image.header
+        shape = tuple(int(d) for d in header.get_data_shape())
+    except Exception as error:  # gzip, zlib, nibabel and OS errors all mean "not readable NIfTI"
+        raise BadFileError(path, f"not a readable NIfTI file ({type(error).__name__}: {error})") from error
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BadFileError(path, f"not a NIfTI image (read as {type(image).__name__})")
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    _check_dimensionality(path, shape)
+    pixdim = _stored_pixdim(path, type(header))
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise BadFileError(path, f"voxel sizes (pixdim) must be positive, got {pixdim.tolist()}")
+    if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+        raise BadFileError(path, "degenerate affine (zero determinant): voxel geometry unknown")
+
+
+def _stored_pixdim(path: str, header_class: type) -> np.ndarray:
+    """The voxel sizes as stored: nib.load silently replaces zero pixdims by 1, hiding a broken header."""
+    with nib.openers.ImageOpener(path) as stream:
+        stored = header_class.from_fileobj(stream, check=False)
+    return np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+
+
+def _check_dimensionality(path: str, shape: tuple[int, ...]) -> None:
+    if len(shape) < 3:
+        raise BadFileError(path, f"{len(shape)}D image of shape {shape}; a 3D volume is expected")
+    if len(shape) > 3:
+        raise BadFileError(
+            path,
+            f"{len(shape)}D image of shape {shape}; one 3D volume per file is expected (split time series)",
+        )
+    if min(shape) < 1:
+        raise BadFileError(path, f"empty image of shape {shape}")
+
+
+def _check_voxel_values(array: np.ndarray, path: str) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        nan_count = int(np.isnan(array).sum())
+        inf_count = int(array.size - finite.sum()) - nan_count
+        raise BadFileError(path, f"{nan_count} NaN and {inf_count} infinite voxel(s)")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise BadFileError(path, f"constant volume (every voxel is {low:g})")
+
+
+def _check_slice_count(array: np.ndarray, path: str, min_slices: int) -> None:
+    _check_slice_count_value(array.shape[0], path, min_slices)
+
+
+def _check_slice_count_value(count: int, path: str, min_slices: int) -> None:
+    if count < min_slices:
+        raise BadFileError(
+            path, f"only {count} slice(s) along the slice axis; at least {min_slices} required"
+        )
+
+
+def _check_dicom_series(folder: str, min_slices: int) -> Modality | None:
+    """Check from the headers that a folder holds exactly one complete, regular series; return its modality.
+
+    MONAI stacks whatever files a folder holds (it only warns about mismatched sizes), so a folder with two
+    series, mixed orientations, or a missing or duplicated slice would otherwise load as a wrong volume.
+    """
+    files = dicom_files(folder)
+    if not files:
+        raise BadFileError(folder, "folder holds no DICOM files")
+    headers = []
+    for file in files:
+        try:
+            headers.append(pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_DICOM_HEADER_TAGS))
+        except Exception as error:  # pydicom raises several types for broken files
+            raise BadFileError(folder, f"{file.name}: unreadable DICOM header ({error})") from error
+    series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in headers})
+    if len(series) > 1:
+        raise BadFileError(
+            folder, f"{len(series)} different series (SeriesInstanceUID) in one folder; one series per folder"
+        )
+    lacking = [f.name for f, ds in zip(files, headers) if not _has_geometry(ds)]
+    if lacking:
+        raise BadFileError(
+            folder,
+            f"{len(lacking)} slice(s) lack ImagePositionPatient/ImageOrientationPatient, e.g. {lacking[0]}",
+        )
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    if not np.allclose(orientations, orientations[0], atol=1e-4):
+        distinct = len({tuple(np.round(o, 4)) for o in orientations})
+        raise BadFileError(folder, f"mixed slice orientations ({distinct} different ImageOrientationPatient)")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(sizes) > 1:
+        raise BadFileError(folder, f"slices of different sizes {sorted(sizes)}")
+    if len(headers) < min_slices:
+        raise BadFileError(folder, f"only {len(headers)} slice(s); at least {min_slices} required")
+    positions = np.array([_position_along_normal(ds) for ds in headers])
+    order = np.argsort(positions, kind="stable")
+    gaps = np.diff(positions[order])
+    duplicates = np.flatnonzero(gaps < _DUPLICATE_POSITION_MM)
+    if duplicates.size:
+        first = duplicates[0]
+        names = (files[order[first]].name, files[order[first + 1]].name)
+        raise BadFileError(
+            folder,
+            f"{duplicates.size} duplicated slice position(s), e.g. {names[0]} and {names[1]} both at "
+            f"{positions[order[first]]:.2f} mm along the slice normal",
+        )
+    step = float(np.median(gaps))
+    irregular = np.flatnonzero(np.abs(gaps - step) > _SLICE_GAP_TOLERANCE * step)
+    if irregular.size:
+        worst = float(gaps[irregular[np.argmax(np.abs(gaps[irregular] - step))]])
+        what = "missing slice(s)" if worst > step else "irregular slice spacing"
+        raise BadFileError(
+            folder, f"{what}: a gap of {worst:.2f} mm between slices where the spacing is {step:.2f} mm"
+        )
+    modality = str(headers[0].get("Modality", "")).upper()
+    return {"CT": "ct", "MR": "mr"}.get(modality)  # type: ignore[return-value]
+
+
+def _has_geometry(ds: pydicom.Dataset) -> bool:
+    return "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+
+
+def _position_along_normal(ds: pydicom.Dataset) -> float:
+    """Position of a slice along the normal of its plane (row direction x column direction), in mm."""
+    orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+    normal = np.cross(orientation[:3], orientation[3:])
+    return float(np.dot([float(v) for v in ds.ImagePositionPatient], normal))
+
+
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM files directly inside a folder (not its subfolders), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and pydicom.misc.is_dicom(p))
+
+
+T = TypeVar("T", str, VolumeRecord)
+
+
+def validate_volumes(
+    items: Sequence[T], on_bad_file: OnBadFile = "error", modality: ModalityChoice = "auto", **load_kwargs
+) -> list[T]:
+    """Load every volume once and return the usable ones, in order.
+
+    Args:
+        items: paths or :class:`VolumeRecord` s (a record's own modality overrides ``modality``).
+        on_bad_file: "error" raises one DataValidationError listing every bad file; "skip" logs a warning per
+            bad file on the "jointssl.data" logger and leaves it out.
+        modality, load_kwargs: as for :func:`load_volume`, so that validation checks what training will load.
+
+    This decodes every volume, which is the only way to find truncated data, NaNs or constant volumes.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    good: list[T] = []
+    bad: list[BadFileError] = []
+    for item in items:
+        path = item.path if isinstance(item, VolumeRecord) else str(item)
+        item_modality = item.modality if isinstance(item, VolumeRecord) and item.modality else modality
+        try:
+            load_volume(path, modality=item_modality, **load_kwargs)
+        except BadFileError as error:
+            bad.append(error)
+            continue
+        good.append(item)
+    if bad and on_bad_file == "error":
+        raise DataValidationError(bad)
+    for error in bad:
+        logger.warning("skipping bad volume %s: %s", error.path, error.reason)
+    return good
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover_volumes(sources: Iterable[str | os.PathLike]) -> list[VolumeRecord]:
+    """Find the volumes of every source, in a deterministic order.
+
+    A source is a folder (searched recursively for .nii, .nii.gz and .npy files; every folder that directly
+    holds DICOM files is one DICOM series), a CSV manifest (a ``path`` or ``image`` column, relative paths
+    taken relative to the manifest; optional ``modality`` (CT/MR) and ``source`` columns), or a single volume
+    file. The source name of a record is the manifest's ``source`` column, else the folder's or manifest's
+    name.
+    """
+    records: list[VolumeRecord] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            records.extend(_discover_folder(path))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            records.extend(_read_manifest(path))
+        elif path.is_file():
+            volume_kind(str(path))  # raises for unsupported files
+            records.append(VolumeRecord(str(path), path.parent.name))
+        else:
+            raise BadFileError(path, "source does not exist")
+    return records
+
+
+def _discover_folder(root: Path) -> list[VolumeRecord]:
+    records = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        holds_dicom = False
+        for name in sorted(names):
+            file = Path(folder, name)
+            if name.lower().endswith((*NIFTI_SUFFIXES, NUMPY_SUFFIX)):
+                records.append(VolumeRecord(str(file), root.name))
+            elif not holds_dicom and pydicom.misc.is_dicom(file):
+                holds_dicom = True
+        if holds_dicom:
+            records.append(VolumeRecord(folder, root.name))
+    return records
+
+
+def _read_manifest(manifest: Path) -> list[VolumeRecord]:
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return []
+    columns = {c.strip().lower(): c for c in rows[0] if c}
+    path_column = columns.get("path") or columns.get("image")
+    if path_column is None:
+        raise BadFileError(
+            manifest, f"manifest has no 'path' (or 'image') column; columns: {list(rows[0].keys())}"
+        )
+    records = []
+    for line, row in enumerate(rows, start=2):
+        value = (row.get(path_column) or "").strip()
+        if not value:
+            raise BadFileError(manifest, f"line {line}: empty path")
+        path = Path(value) if Path(value).is_absolute() else manifest.parent / value
+        modality = _parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
+        source = (row.get(columns.get("source", ""), "") or "").strip() or manifest.stem
+        records.append(VolumeRecord(str(path), source, modality))
+    return records
+
+
+def _parse_modality(value: str, manifest: Path, line: int) -> Modality | None:
+    lowered = value.lower()
+    if lowered in ("", "auto"):
+        return None
+    if lowered in ("ct", "mr"):
+        return lowered  # type: ignore[return-value]
+    raise BadFileError(manifest, f"line {line}: modality must be CT, MR or empty, got {value!r}")
