@@ -196,7 +196,7 @@ def test_file_broken_after_validation_raises_naming_the_file(tmp_path):
 
 
 def test_no_sources_too_few_images_and_not_set_up(tmp_path):
-    with pytest.raises(ValueError, match="no 2D image sources"):
+    with pytest.raises(ValueError, match="no data sources"):
         JointDataModule(num_workers=0).setup("fit")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no usable 2D images"):

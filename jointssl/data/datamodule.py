@@ -1,60 +1,121 @@
-"""JointDataModule: the training data of jointssl (2D images now; 3D volumes join under a second key later)."""
+"""JointDataModule: the training data of jointssl — a 2D stream (images and volume slices) and a volume stream."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from jointssl import distributed
-from jointssl.data.datasets import ImageDataset, collate_multicrop
-from jointssl.data.errors import BadFileError
+from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
+from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.sources import ImageRecord, discover_images, drop_bad_files, find_bad_files
-from jointssl.data.synthetic import SyntheticData, generate_synthetic_images
+from jointssl.data.synthetic import SyntheticData, generate_synthetic_data
 from jointssl.data.transforms import MultiCropTransform
+from jointssl.data.volume_datasets import CachedVolumes, SliceDataset, VolumeDataset, collate_volumes
+from jointssl.data.volume_io import VolumeRecord, discover_volumes
+from jointssl.data.volume_transforms import VolumeViews
 
 logger = logging.getLogger("jointssl.data")
 
+# Independent random streams per rank: the shuffling/worker seeds of each loader and the volume augmentation.
+_IMAGES_LOADER_STREAM, _VOLUMES_LOADER_STREAM, _VOLUME_VIEWS_STREAM = 0, 1, 2
+
 
 class JointDataModule(pl.LightningDataModule):
-    """Training batches ``{"images": {"crops": list[Tensor[B, 1, h, w]], "index": LongTensor[B],
-    "source": list[str]}}``.
+    """The training data: 2D images and 3D volumes, as two streams of one ``CombinedLoader``.
+
+    Training batches (``train_dataloader``, mode ``max_size_cycle``: an epoch is one pass over the longer stream
+    while the shorter one cycles)::
+
+        {"images":  {"crops":  list[FloatTensor[B, 1, h, w]],   # num_global_crops global, then local crops
+                     "index":  LongTensor[B],
+                     "source": list[str]},
+         "volumes": {"views":        FloatTensor[B_v, 2, N, 1, S, S],  # two augmented views of one slab
+                     "padding_mask": BoolTensor[B_v, N],               # True = padded slice (trailing only)
+                     "index":        LongTensor[B_v],
+                     "source":       list[str]}}
+
+    with B = ``batch_size``, B_v = ``volume_batch_size``, N = ``num_slices``, S = ``volume_size``. The "images"
+    key is the 2D stream: the 2D image files followed by (when ``slice_stream``) every ``slice_stride``-th slice
+    of every volume, all through the same multi-crop augmentation; it is absent when that stream is empty. The
+    "volumes" key is present only when there are volumes. Both streams are normalised alike,
+    ``(x - 0.5) / 0.25`` of intensities in [0, 1].
+
+    Every sample has a *global* index, unique across streams and ranks (memory banks are indexed by it):
+    2D images ``[0, n_images)``, then slice-stream slices ``[n_images, n_images + n_slices)``, then volumes up
+    to ``num_samples`` (see ``image_index_range``, ``slice_index_range``, ``volume_index_range``).
+
+    ``setup("fit")`` decodes every image and every volume once before training (split across ranks under DDP)
+    and reports every bad file at once. Both loaders shuffle and drop the last partial batch; under DDP
+    Lightning gives each a ``DistributedSampler`` (disjoint shards, reshuffled every epoch; when a stream's size
+    is not a multiple of the world size, the sampler repeats up to world_size - 1 samples per epoch).
 
     The constructor arguments are the data section of the config.
 
     Args:
         images: 2D image sources: folders (searched recursively; PNG, JPEG, DICOM) or CSV manifests with columns
             ``path`` (relative to the CSV's folder), optional ``label`` and ``source``.
-        synthetic: when set, ``prepare_data`` generates synthetic demo images and their folder
-            (``<root>/images``) is appended to ``images``.
-        batch_size: 2D images per batch per device.
-        num_workers: DataLoader worker processes per device.
+        volumes: 3D volume sources: folders (searched recursively for NIfTI ``.nii``/``.nii.gz`` and NumPy
+            ``.npy`` volumes stored H x W x D; every folder directly holding DICOM files is one series), CSV
+            manifests (``path`` or ``image`` column, optional ``modality`` CT/MR and ``source``), or single files.
+        synthetic: when set, ``prepare_data`` generates synthetic demo data; its ``<root>/images`` folder (when
+            ``num_images > 0``) is appended to ``images`` and its ``<root>/volumes`` folder (when
+            ``num_volumes > 0``) to ``volumes``.
+        batch_size: 2D samples (images and volume slices) per batch per device.
+        volume_batch_size: volumes per batch per device.
+        num_workers: DataLoader worker processes per device *for each stream* (2 x num_workers with volumes).
         global_crop_size: side of the global crops in pixels.
-        num_global_crops: global crops per image (>= 2 for swapped-prediction losses).
+        num_global_crops: global crops per 2D sample (>= 2 for swapped-prediction losses).
         local_crop_size: side of the local crops in pixels.
-        num_local_crops: local (small) crops per image.
+        num_local_crops: local (small) crops per 2D sample.
         global_crop_scale: range of the image-area fraction covered by a global crop.
         local_crop_scale: range of the image-area fraction covered by a local crop.
-        on_bad_file: what to do with files that cannot be decoded or are too small: ``"error"`` stops in
-            ``setup`` with a list of every bad file; ``"skip"`` logs each one and trains without it.
-        validation_threads: threads used to decode every image once during ``setup``.
+        volume_modality: intensity normalisation of volumes: "ct" (clip ``hu_window``), "mr" (clip
+            ``mr_percentiles``) or "auto" (DICOM Modality tag, else CT when the 1st percentile is air in HU); a
+            manifest's ``modality`` column overrides it per file.
+        slice_axis: anatomical axis the slices are taken along ("axial", "coronal", "sagittal"; ``.npy``
+            volumes always use their last axis).
+        hu_window: Hounsfield window mapped to [0, 1] for CT.
+        mr_percentiles: lower and upper intensity percentiles mapped to [0, 1] for MR.
+        volume_in_plane_size: resample every slice to this square size when loading (and caching) a volume;
+            keeps the cache small. None keeps the native size.
+        num_slices: N, the slab of consecutive slices per volume view (longer volumes: a random slab; shorter:
+            padded at the end and masked).
+        volume_size: S, the in-plane size of the volume views.
+        slice_stream: add the slices of the volumes to the 2D stream (same multi-crop augmentation as images).
+        slice_stride: use every k-th slice of each volume in the slice stream; sets the mix of 2D images and
+            volume slices in the 2D stream (each volume contributes ceil(n_slices / k) samples).
+        volume_cache: where decoded volumes are kept: "memory" (every rank holds all of them in RAM: about
+            n_volumes x slices x volume_in_plane_size^2 x 4 bytes), "disk" (under ``cache_dir``, reused by later
+            runs), "none" (decode on every access: slow, above all for the slice stream) or "auto" ("disk" when
+            ``cache_dir`` is set, else "memory").
+        cache_dir: folder of the disk cache of decoded volumes.
+        on_bad_file: what to do with files that cannot be decoded or are unusable (too small images; 4D, NaN,
+            constant or too thin volumes): ``"error"`` stops in ``setup`` with one list of every bad file;
+            ``"skip"`` logs each one and trains without it.
+        validation_threads: threads used to decode every image and volume once during ``setup``.
         pin_memory: pin batches in page-locked memory (only takes effect when CUDA is available).
         persistent_workers: keep DataLoader workers alive between epochs (only with ``num_workers > 0``).
-        seed: seed of the shuffling (single process) and of the workers' augmentation RNG; under DDP the
-            sampler's order comes from Lightning's ``DistributedSampler`` (seeded by ``seed_everything``).
+        seed: seed of the shuffling (single process), of the workers' augmentation RNG and of the volume
+            augmentation (offset by rank); under DDP the samplers' order comes from Lightning's
+            ``DistributedSampler`` (seeded by ``seed_everything``).
     """
 
     def __init__(
         self,
         images: list[str] = [],  # noqa: B006 - copied below, never mutated; `[]` reads best in the config schema
+        volumes: list[str] = [],  # noqa: B006 - as above
         synthetic: SyntheticData | None = None,
         batch_size: int = 64,
+        volume_batch_size: int = 2,
         num_workers: int = 2,
         global_crop_size: int = 224,
         num_global_crops: int = 2,
@@ -62,6 +123,17 @@ class JointDataModule(pl.LightningDataModule):
         num_local_crops: int = 0,
         global_crop_scale: tuple[float, float] = (0.14, 1.0),
         local_crop_scale: tuple[float, float] = (0.05, 0.14),
+        volume_modality: Literal["auto", "ct", "mr"] = "auto",
+        slice_axis: Literal["axial", "coronal", "sagittal"] = "axial",
+        hu_window: tuple[float, float] = (-1000, 1000),
+        mr_percentiles: tuple[float, float] = (0.5, 99.5),
+        volume_in_plane_size: int | None = 256,
+        num_slices: int = 64,
+        volume_size: int = 128,
+        slice_stream: bool = True,
+        slice_stride: int = 1,
+        volume_cache: Literal["auto", "none", "memory", "disk"] = "auto",
+        cache_dir: str | None = None,
         on_bad_file: Literal["error", "skip"] = "error",
         validation_threads: int = 8,
         pin_memory: bool = True,
@@ -69,22 +141,41 @@ class JointDataModule(pl.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if on_bad_file not in ("error", "skip"):
-            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+        _check_configuration(
+            batch_size=batch_size,
+            volume_batch_size=volume_batch_size,
+            num_workers=num_workers,
+            on_bad_file=on_bad_file,
+            volume_modality=volume_modality,
+            slice_axis=slice_axis,
+            hu_window=hu_window,
+            mr_percentiles=mr_percentiles,
+            volume_in_plane_size=volume_in_plane_size,
+            slice_stride=slice_stride,
+            volume_cache=volume_cache,
+            cache_dir=cache_dir,
+        )
         self.images = list(images)
+        self.volumes = list(volumes)
         self.synthetic = synthetic
         self.batch_size = batch_size
+        self.volume_batch_size = volume_batch_size
         self.num_workers = num_workers
+        self.volume_modality = volume_modality
+        self.slice_axis = slice_axis
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.mr_percentiles = (float(mr_percentiles[0]), float(mr_percentiles[1]))
+        self.volume_in_plane_size = volume_in_plane_size
+        self.slice_stream = slice_stream
+        self.slice_stride = slice_stride
+        self.volume_cache = volume_cache
+        self.cache_dir = cache_dir
         self.on_bad_file = on_bad_file
         self.validation_threads = validation_threads
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
-        # Built here so that invalid crop settings fail when the config is parsed, not after validation.
+        # Built here so that invalid crop and view settings fail when the config is parsed, not after validation.
         self.transform = MultiCropTransform(
             global_crop_size=global_crop_size,
             num_global_crops=num_global_crops,
@@ -93,7 +184,16 @@ class JointDataModule(pl.LightningDataModule):
             num_local_crops=num_local_crops,
             local_scale=tuple(local_crop_scale),
         )
-        self.image_dataset: ImageDataset | None = None
+        # Seeded per rank in setup; a fixed seed here so that construction does not consume torch's global RNG.
+        self.volume_views = VolumeViews(num_slices=num_slices, size=volume_size, seed=0)
+        # Built by setup("fit"):
+        self.image_dataset: ImageDataset | None = None  # the 2D image files
+        self.slice_dataset: MultiCropDataset | None = None  # multi-crop slices of the volumes
+        # What the "images" loader reads: the two above, concatenated.
+        self.image_stream: Dataset | None = None
+        self.volume_dataset: VolumeDataset | None = None  # what the "volumes" loader reads
+        self._image_records: list[ImageRecord] = []
+        self._ranges: dict[str, range] | None = None
 
     # ------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -102,105 +202,253 @@ class JointDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the synthetic data (once per node; a no-op when it is already complete)."""
         if self.synthetic is not None:
-            generate_synthetic_images(self.synthetic)
+            generate_synthetic_data(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
-        """Discover and validate every image (so that bad data fails now, not hours into training), then build
-        the dataset. Validation is split across ranks and its findings are shared, so each file is decoded once
-        in total and every rank keeps the same records."""
-        if stage not in (None, "fit") or self.image_dataset is not None:
+        """Discover and validate every image and volume (so that bad data fails now, not hours into training),
+        then build both streams. Validation is split across ranks and its findings are shared, so each file is
+        decoded once in total for validation and every rank keeps the same records; volumes are validated
+        through their cache, so a validated volume is not decoded again for training."""
+        if stage not in (None, "fit") or self._ranges is not None:
             return
         if self.synthetic is not None:
             # Idempotent: returns at once after prepare_data; generates when setup is called on its own.
-            generate_synthetic_images(self.synthetic)
-        sources = self.image_sources
-        if not sources:
+            generate_synthetic_data(self.synthetic)
+        image_sources, volume_sources = self.image_sources, self.volume_sources
+        if not image_sources and not volume_sources:
             raise ValueError(
-                "no 2D image sources configured: set `images` (folders or CSV manifests) or `synthetic`"
+                "no data sources configured: set `images` (2D image folders or CSV manifests), `volumes` "
+                "(3D volume folders, CSV manifests or files) or `synthetic`"
             )
-        records = discover_images(sources, on_missing=self.on_bad_file)
-        records = self._validate(records)
-        if not records:
-            raise ValueError(f"no usable 2D images found in {sources}")
-        world = self._world_size()
-        if len(records) < self.batch_size * world:
-            raise ValueError(
-                f"only {len(records)} usable 2D images, fewer than batch_size x world_size = "
-                f"{self.batch_size} x {world}: with drop_last no complete batch exists; lower batch_size or add data"
-            )
-        self.image_dataset = ImageDataset(records, self.transform, index_offset=0)
-        logger.info("2D images: %d files from %d source(s)", len(records), len(sources))
+        threads = max(1, min(self.validation_threads, os.cpu_count() or 1))
+        image_records = discover_images(image_sources, on_missing=self.on_bad_file) if image_sources else []
+        volume_records = discover_volumes(volume_sources) if volume_sources else []
+        image_problems = self._find_bad_images(image_records, threads)
+        candidates = CachedVolumes(
+            volume_records, self.volume_load_kwargs, self.volume_cache, self.cache_dir, preload=False
+        )
+        volume_results = self._check_volumes(candidates, threads)
+        volume_problems = [result for result in volume_results if isinstance(result, BadFileError)]
+        if self.on_bad_file == "error" and (image_problems or volume_problems):
+            raise DataValidationError(image_problems + volume_problems)
+        log = distributed.rank() == 0  # under DDP every rank knows every problem: report each once
+        image_records = drop_bad_files(image_records, image_problems, "skip", log=log)
+        if volume_problems and log:
+            for error in volume_problems:
+                logger.warning("skipping bad volume %s: %s", error.path, error.reason)
+            logger.warning("skipped %d bad volume(s) (on_bad_file=skip)", len(volume_problems))
+        if image_sources and not image_records:
+            raise ValueError(f"no usable 2D images found in {image_sources}")
+        good = [position for position, result in enumerate(volume_results) if isinstance(result, int)]
+        if volume_sources and not good:
+            raise ValueError(f"no usable volumes found in {volume_sources}")
+        slice_counts = [volume_results[position] for position in good]
+        self._build_streams(image_records, candidates.subset(good), slice_counts)  # type: ignore[arg-type]
+        logger.info(
+            "2D stream: %d images from %d source(s) + %d volume slices; volume stream: %d volumes from %d "
+            "source(s); %d global sample indices",
+            len(self.image_index_range),
+            len(image_sources),
+            len(self.slice_index_range),
+            self.num_volumes,
+            len(volume_sources),
+            self.num_samples,
+        )
 
     def train_dataloader(self) -> CombinedLoader:
-        """A ``CombinedLoader({"images": DataLoader})`` (mode ``max_size_cycle``). The inner DataLoader shuffles and
-        drops the last partial batch; under DDP Lightning swaps its sampler for a ``DistributedSampler`` (disjoint
-        shards, reshuffled every epoch through ``set_epoch``)."""
-        dataset = self._require_setup()
-        use_workers = self.num_workers > 0
-        # Offset by rank: ranks would otherwise draw identical augmentation streams for their different images.
-        generator = torch.Generator().manual_seed(self.seed + distributed.rank())
-        images = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            collate_fn=collate_multicrop,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and use_workers,
-            generator=generator,
-        )
-        return CombinedLoader({"images": images}, mode="max_size_cycle")
+        """``CombinedLoader({"images": DataLoader, "volumes": DataLoader}, mode="max_size_cycle")``, each key only
+        when its stream is non-empty. Each DataLoader shuffles and drops the last partial batch; under DDP
+        Lightning swaps its sampler for a ``DistributedSampler`` (disjoint shards, reshuffled every epoch through
+        ``set_epoch``)."""
+        self._require_setup()
+        loaders: dict[str, DataLoader] = {}
+        if self.image_stream is not None:
+            loaders["images"] = self._loader(
+                self.image_stream, self.batch_size, collate_multicrop, _IMAGES_LOADER_STREAM
+            )
+        if self.volume_dataset is not None:
+            loaders["volumes"] = self._loader(
+                self.volume_dataset, self.volume_batch_size, collate_volumes, _VOLUMES_LOADER_STREAM
+            )
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     # ------------------------------------------------------------------------------------------------------
-    # Sizes
+    # Sources, sizes and index layout
     # ------------------------------------------------------------------------------------------------------
 
     @property
     def image_sources(self) -> list[str]:
         """The configured image sources plus the synthetic images folder, if any."""
         sources = list(self.images)
-        if self.synthetic is not None:
+        if self.synthetic is not None and self.synthetic.num_images > 0:
             sources.append(str(self.synthetic.images_dir))
         return sources
 
     @property
+    def volume_sources(self) -> list[str]:
+        """The configured volume sources plus the synthetic volumes folder, if any."""
+        sources = list(self.volumes)
+        if self.synthetic is not None and self.synthetic.num_volumes > 0:
+            sources.append(str(self.synthetic.volumes_dir))
+        return sources
+
+    @property
+    def volume_load_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`~jointssl.data.volume_io.load_volume` (the deterministic, cached part)."""
+        return {
+            "modality": self.volume_modality,
+            "slice_axis": self.slice_axis,
+            "in_plane_size": self.volume_in_plane_size,
+            "hu_window": self.hu_window,
+            "mr_percentiles": self.mr_percentiles,
+        }
+
+    @property
+    def num_slices(self) -> int:
+        """N: slices per volume view."""
+        return self.volume_views.num_slices
+
+    @property
+    def volume_size(self) -> int:
+        """S: in-plane size of the volume views."""
+        return self.volume_views.size
+
+    @property
     def dataset_size(self) -> int:
-        """Number of 2D images in the training set (after dropping skipped files)."""
-        return len(self._require_setup())
+        """Number of 2D image files in the training set (after dropping skipped files)."""
+        return len(self.image_index_range)
+
+    @property
+    def num_volumes(self) -> int:
+        """Number of volumes in the training set (after dropping skipped files)."""
+        return len(self.volume_index_range)
 
     @property
     def num_samples(self) -> int:
-        """Size of the global sample-index space (rows of a memory bank): indices run over ``[0, num_samples)``.
-        Equal to ``dataset_size`` while only 2D images are used; volumes will be indexed after the images."""
-        return len(self._require_setup())
+        """Size of the global sample-index space (rows of a memory bank): indices of all streams run over
+        ``[0, num_samples)``."""
+        return self.volume_index_range.stop
+
+    @property
+    def image_index_range(self) -> range:
+        """Global indices of the 2D image files: ``[0, n_images)``."""
+        return self._require_setup()["images"]
+
+    @property
+    def slice_index_range(self) -> range:
+        """Global indices of the volume slices in the 2D stream: ``[n_images, n_images + n_slices)`` (empty
+        without ``slice_stream``)."""
+        return self._require_setup()["slices"]
+
+    @property
+    def volume_index_range(self) -> range:
+        """Global indices of the volumes: ``[n_images + n_slices, num_samples)``."""
+        return self._require_setup()["volumes"]
 
     @property
     def image_records(self) -> list[ImageRecord]:
-        """The validated 2D image records; a sample's global index is its position here."""
-        return self._require_setup().records
+        """The validated 2D image records; an image's global index is its position here."""
+        self._require_setup()
+        return list(self._image_records)
+
+    @property
+    def volume_records(self) -> list[VolumeRecord]:
+        """The validated volume records; volume ``i`` has the global index ``volume_index_range[i]``."""
+        self._require_setup()
+        return list(self.volume_dataset.volumes.records) if self.volume_dataset is not None else []
 
     # ------------------------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------------------------
 
-    def _require_setup(self) -> ImageDataset:
-        if self.image_dataset is None:
+    def _build_streams(
+        self, image_records: list[ImageRecord], volumes: CachedVolumes, slice_counts: list[int]
+    ) -> None:
+        """Check the stream sizes against the batch sizes, fill the volume cache, build the datasets and the
+        global index layout."""
+        n_images, n_volumes = len(image_records), len(volumes)
+        stride = self.slice_stride
+        n_slices = sum((count + stride - 1) // stride for count in slice_counts) if self.slice_stream else 0
+        world = self._world_size()
+        n_2d = n_images + n_slices
+        if n_2d and n_2d < self.batch_size * world:
+            raise ValueError(
+                f"only {n_2d} usable 2D samples ({n_images} images + {n_slices} volume slices), fewer than "
+                f"batch_size x world_size = {self.batch_size} x {world}: with drop_last no complete batch "
+                "exists; lower batch_size or add data"
+            )
+        if n_volumes and n_volumes < self.volume_batch_size * world:
+            raise ValueError(
+                f"only {n_volumes} usable volumes, fewer than volume_batch_size x world_size = "
+                f"{self.volume_batch_size} x {world}: with drop_last no complete volume batch exists; lower "
+                "volume_batch_size or add volumes"
+            )
+        if volumes.cache == "memory":
+            # Under DDP this rank validated only its share: decode the rest now, in the main process, so that
+            # DataLoader workers inherit a full cache instead of each decoding (and holding) its own copy.
+            threads = max(1, min(self.validation_threads, os.cpu_count() or 1))
+            problems = [
+                result for result in volumes.check(num_threads=threads) if isinstance(result, BadFileError)
+            ]
+            if problems:  # changed since validation
+                raise DataValidationError(problems)
+
+        self._image_records = list(image_records)
+        self.image_dataset = ImageDataset(image_records, self.transform, index_offset=0) if n_images else None
+        self.slice_dataset = None
+        if n_slices:
+            slices = SliceDataset(volumes, index_offset=n_images, stride=stride, slice_counts=slice_counts)
+            self.slice_dataset = MultiCropDataset(slices, self.transform)
+        parts = [part for part in (self.image_dataset, self.slice_dataset) if part is not None]
+        self.image_stream = ConcatDataset(parts) if parts else None
+        self.volume_views.set_random_state(seed=self._rank_seed(_VOLUME_VIEWS_STREAM) % (2**31 - 1))
+        self.volume_dataset = (
+            VolumeDataset(volumes=volumes, views=self.volume_views, index_offset=n_2d) if n_volumes else None
+        )
+        self._ranges = {
+            "images": range(n_images),
+            "slices": range(n_images, n_2d),
+            "volumes": range(n_2d, n_2d + n_volumes),
+        }
+
+    def _loader(self, dataset: Dataset, batch_size: int, collate_fn, stream: int) -> DataLoader:
+        use_workers = self.num_workers > 0
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and use_workers,
+            # Per rank and stream: ranks would otherwise draw identical augmentation streams for their different
+            # samples, and the two loaders' workers identical seeds.
+            generator=torch.Generator().manual_seed(self._rank_seed(stream)),
+        )
+
+    def _rank_seed(self, stream: int) -> int:
+        """A seed for one random stream of this rank, derived from ``seed``."""
+        entropy = [self.seed % 2**64, distributed.rank(), stream]
+        return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+    def _require_setup(self) -> dict[str, range]:
+        if self._ranges is None:
             raise RuntimeError(
                 "JointDataModule is not set up: call setup('fit') first (Lightning does in fit)"
             )
-        return self.image_dataset
+        return self._ranges
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else distributed.world_size()
 
-    def _validate(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """Decode this rank's share of the files; gather every rank's findings; apply the bad-file policy."""
+    def _find_bad_images(self, records: list[ImageRecord], threads: int) -> list[BadFileError]:
+        """Decode this rank's share of the images; return every rank's findings, in record order."""
         world, rank = distributed.world_size(), distributed.rank()
-        threads = max(1, min(self.validation_threads, os.cpu_count() or 1))
-        own_share = records[rank::world]
-        problems = [(error.path, error.reason) for error in find_bad_files(own_share, num_threads=threads)]
+        problems = [
+            (error.path, error.reason) for error in find_bad_files(records[rank::world], num_threads=threads)
+        ]
         if distributed.is_distributed():
             # Plain (path, reason) tuples: exceptions with two-argument constructors do not unpickle.
             gathered: list[list[tuple[str, str]]] = [[] for _ in range(world)]
@@ -209,4 +457,69 @@ class JointDataModule(pl.LightningDataModule):
         order = {record.path: i for i, record in enumerate(records)}
         bad = [BadFileError(path, reason) for path, reason in sorted(problems, key=lambda p: order[p[0]])]
         logger.info("validated %d 2D images: %d bad", len(records), len(bad))
-        return drop_bad_files(records, bad, self.on_bad_file, log=rank == 0)
+        return bad
+
+    def _check_volumes(self, volumes: CachedVolumes, threads: int) -> list[int | BadFileError]:
+        """Load this rank's share of the volumes through their cache; return, for every volume, its number of
+        slices or its BadFileError, from all ranks."""
+        world, rank = distributed.world_size(), distributed.rank()
+        own = list(range(rank, len(volumes), world))
+        results = volumes.check(own, num_threads=threads)
+        if distributed.is_distributed():
+            plain = [
+                (position, result if isinstance(result, int) else (result.path, result.reason))
+                for position, result in zip(own, results)
+            ]
+            gathered: list[list[tuple[int, Any]]] = [[] for _ in range(world)]
+            dist.all_gather_object(gathered, plain)
+            merged = {position: result for rank_results in gathered for position, result in rank_results}
+            results = [
+                merged[p] if isinstance(merged[p], int) else BadFileError(*merged[p])
+                for p in range(len(volumes))
+            ]
+        bad = sum(isinstance(result, BadFileError) for result in results)
+        if len(volumes):
+            logger.info("validated %d volumes: %d bad", len(volumes), bad)
+        return results
+
+
+def _check_configuration(
+    *,
+    batch_size: int,
+    volume_batch_size: int,
+    num_workers: int,
+    on_bad_file: str,
+    volume_modality: str,
+    slice_axis: str,
+    hu_window: tuple[float, float],
+    mr_percentiles: tuple[float, float],
+    volume_in_plane_size: int | None,
+    slice_stride: int,
+    volume_cache: str,
+    cache_dir: str | None,
+) -> None:
+    """Reject invalid settings when the config is parsed rather than after minutes of validation."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if volume_batch_size < 1:
+        raise ValueError(f"volume_batch_size must be >= 1, got {volume_batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    if volume_modality not in ("auto", "ct", "mr"):
+        raise ValueError(f"volume_modality must be 'auto', 'ct' or 'mr', got {volume_modality!r}")
+    if slice_axis not in ("axial", "coronal", "sagittal"):
+        raise ValueError(f"slice_axis must be 'axial', 'coronal' or 'sagittal', got {slice_axis!r}")
+    if len(hu_window) != 2 or not hu_window[0] < hu_window[1]:
+        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
+    if len(mr_percentiles) != 2 or not 0 <= mr_percentiles[0] < mr_percentiles[1] <= 100:
+        raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, got {mr_percentiles}")
+    if volume_in_plane_size is not None and volume_in_plane_size < 1:
+        raise ValueError(f"volume_in_plane_size must be positive or None, got {volume_in_plane_size}")
+    if slice_stride < 1:
+        raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
+    if volume_cache not in ("auto", "none", "memory", "disk"):
+        raise ValueError(f"volume_cache must be 'auto', 'none', 'memory' or 'disk', got {volume_cache!r}")
+    if volume_cache == "disk" and cache_dir is None:
+        raise ValueError('volume_cache="disk" needs a cache_dir')

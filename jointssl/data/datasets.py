@@ -1,4 +1,5 @@
-"""Map-style dataset of 2D images producing multi-crop samples, and their collate function."""
+"""Map-style datasets producing multi-crop samples (2D image files, or any dataset of single images such as the
+slices of volumes), and their collate function."""
 
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ class ImageDataset(Dataset):
             "index": self.index_offset + position,
             "source": record.source,
         }
+
+
+class MultiCropDataset(Dataset):
+    """Multi-crop samples of a dataset of unaugmented single images, in the format of :class:`ImageDataset`.
+
+    Each item ``{"image": Tensor[1, H, W] in [0, 1], "index": int, "source": str}`` of ``base`` (e.g. a
+    :class:`~jointssl.data.volume_datasets.SliceDataset`) becomes ``{"crops": transform(image), "index",
+    "source"}``, so that the slices of volumes can join the 2D image stream with the same augmentation. The
+    index is passed through: ``base`` already gives global indices.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], list[torch.Tensor]]):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, position: int) -> Sample:
+        item = self.base[position]
+        return {"crops": self.transform(item["image"]), "index": item["index"], "source": item["source"]}
 
 
 def collate_multicrop(samples: Sequence[Sample]) -> Sample:

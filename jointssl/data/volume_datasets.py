@@ -4,24 +4,31 @@
 Only the deterministic part (decode, validate, reorient, resample, normalise: :func:`load_volume`) is cached;
 augmentation runs on every access. Cache modes:
 
-* ``"memory"``: MONAI ``CacheDataset``; every volume is decoded once when the dataset is built and kept in RAM
-  (DataLoader workers share it copy-on-write).
+* ``"memory"``: MONAI ``CacheDataset``; every volume is decoded once, when the dataset is built (or, with
+  ``preload=False``, on its first access in this process), and kept in RAM (forked DataLoader workers share it
+  copy-on-write; a ``spawn`` start method copies it into each worker).
 * ``"disk"``: MONAI ``PersistentDataset``; each volume is decoded on first access and written under
   ``cache_dir/volumes-<hash of the loading parameters>/``, so later epochs *and later runs* read the decoded
   tensor instead of the .nii.gz. The key of a volume includes its path, size and modification time, so an
   edited file is decoded again. Files are read back with ``torch.load(weights_only=True)``.
 * ``"none"``: decode on every access.
 * ``"auto"`` (default): "disk" when ``cache_dir`` is given, else "memory".
+
+Validation reuses the cache: :meth:`CachedVolumes.check` loads volumes (so a volume that loads is cached, and a
+bad one raises nothing but is reported), and :meth:`CachedVolumes.subset` keeps the good ones without decoding
+them again.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +39,7 @@ from monai.data import Dataset as MonaiDataset
 from monai.transforms import Transform
 from torch.utils.data import Dataset
 
+from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.volume_io import VolumeRecord, load_volume
 from jointssl.data.volume_transforms import VolumeViews
 
@@ -68,7 +76,17 @@ class CachedVolumes(Dataset):
     """Decoded, normalised volumes of a list of records, cached (see the module docstring for ``cache``).
 
     Items are dicts: ``volume`` (float32 ``[N, H, W]`` in [0, 1]), ``spacing`` (``[3]``, mm), ``modality``,
-    ``path`` and ``source``. Treat ``volume`` as read-only: with a memory cache it is the cached tensor.
+    ``path`` and ``source``. Treat ``volume`` as read-only: with a memory cache it is the cached tensor. A volume
+    that cannot be loaded raises :class:`~jointssl.data.errors.BadFileError` naming the file.
+
+    Args:
+        records: the volumes.
+        load_kwargs: keyword arguments of :func:`~jointssl.data.volume_io.load_volume` (not ``path``).
+        cache: "auto", "none", "memory" or "disk".
+        cache_dir: folder of the disk cache.
+        preload: with the memory cache, decode every volume now (raising one
+            :class:`~jointssl.data.errors.DataValidationError` that lists every bad file); False decodes each
+            on first access instead, e.g. to validate with :meth:`check` first.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class CachedVolumes(Dataset):
         load_kwargs: Mapping[str, Any] | None = None,
         cache: CacheMode = "auto",
         cache_dir: str | os.PathLike | None = None,
+        preload: bool = True,
     ):
         load_kwargs = dict(load_kwargs or {})
         unknown = set(load_kwargs) - _LOAD_PARAMETERS
@@ -86,31 +105,81 @@ class CachedVolumes(Dataset):
             )
         if cache == "auto":
             cache = "disk" if cache_dir is not None else "memory"
+        if cache not in ("none", "memory", "disk"):
+            raise ValueError(f"cache must be 'auto', 'none', 'memory' or 'disk', got {cache!r}")
+        if cache == "disk" and cache_dir is None:
+            raise ValueError('cache="disk" needs a cache_dir')
         self.records = list(records)
         self.load_kwargs = load_kwargs
         self.cache: CacheMode = cache
+        self.cache_dir = (
+            Path(cache_dir) / f"volumes-{_parameters_hash(load_kwargs)}" if cache == "disk" else None
+        )
+        # The memory cache: one slot per record, None until decoded. Owned here (MONAI fills it in place), so
+        # that subset() can share decoded volumes.
+        self._memory_cache: list[dict[str, Any] | None] = [None] * len(self.records)
+        self._dataset = self._build_dataset()
+        if cache == "memory" and preload:
+            checked = self.check(num_threads=min(4, os.cpu_count() or 1))
+            problems = [result for result in checked if isinstance(result, BadFileError)]
+            if problems:
+                raise DataValidationError(problems)
+
+    def _build_dataset(self) -> Dataset:
         items = [_record_item(record) for record in self.records]
-        transform = _LoadVolume(load_kwargs)
-        if cache == "none":
-            self._dataset: Dataset = MonaiDataset(items, transform)
-        elif cache == "memory":
+        transform = _LoadVolume(self.load_kwargs)
+        if self.cache == "none":
+            return MonaiDataset(items, transform)
+        if self.cache == "memory":
             # copy_cache=False: nothing modifies the volume in place, so a deep copy per access is waste.
-            self._dataset = CacheDataset(
-                items, transform, num_workers=min(4, os.cpu_count() or 1), progress=False, copy_cache=False
+            return CacheDataset(
+                items, transform, progress=False, copy_cache=False, runtime_cache=self._memory_cache
             )
-        elif cache == "disk":
-            if cache_dir is None:
-                raise ValueError('cache="disk" needs a cache_dir')
-            self.cache_dir = Path(cache_dir) / f"volumes-{_parameters_hash(load_kwargs)}"
-            self._dataset = PersistentDataset(items, transform, cache_dir=self.cache_dir, weights_only=True)
-        else:
-            raise ValueError(f"cache must be 'auto', 'none', 'memory' or 'disk', got {cache!r}")
+        return PersistentDataset(items, transform, cache_dir=self.cache_dir, weights_only=True)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        return self._dataset[position]
+        try:
+            return self._dataset[position]
+        except RuntimeError as error:
+            # MONAI wraps a transform's exception in RuntimeError("applying transform <object>"), which does not
+            # say which file failed: surface the BadFileError itself.
+            cause = _bad_file_cause(error)
+            if cause is None:
+                raise
+            raise cause from None
+
+    def check(self, positions: Iterable[int] | None = None, num_threads: int = 1) -> list[int | BadFileError]:
+        """Load the volumes at ``positions`` (default: all), filling the cache, and return for each one its number
+        of slices, or the :class:`~jointssl.data.errors.BadFileError` that makes it unusable.
+
+        Loading runs in ``num_threads`` threads (decoders release the GIL for much of their work). With the
+        disk cache a volume cached earlier is read from the cache: it was validated when it was written, and
+        its key changes when the file does.
+        """
+        chosen = list(range(len(self)) if positions is None else positions)
+
+        def load(position: int) -> int | BadFileError:
+            try:
+                return int(self[position]["volume"].shape[0])
+            except BadFileError as error:
+                return error
+
+        if num_threads <= 1 or len(chosen) <= 1:
+            return [load(position) for position in chosen]
+        with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jointssl-volumes") as pool:
+            return list(pool.map(load, chosen))
+
+    def subset(self, positions: Sequence[int]) -> CachedVolumes:
+        """The volumes at ``positions``, in that order, sharing this dataset's cache: volumes it already holds in
+        memory are not decoded again (the disk cache is shared through its folder anyway)."""
+        chosen = copy.copy(self)
+        chosen.records = [self.records[position] for position in positions]
+        chosen._memory_cache = [self._memory_cache[position] for position in positions]
+        chosen._dataset = chosen._build_dataset()
+        return chosen
 
 
 class VolumeDataset(Dataset):
@@ -164,19 +233,24 @@ class VolumeDataset(Dataset):
 
 
 class SliceDataset(Dataset):
-    """The slice stream: every 2D slice of every volume, as samples like the 2D image stream.
+    """The slice stream: 2D slices of every volume, as samples like the 2D image stream.
 
     Items: ``image`` ``Tensor[1, H, W]`` in [0, 1] (not normalised: the 2D pipeline augments and normalises
     it), ``index`` (``index_offset`` + the position of the slice in a flat enumeration of all (volume, slice)
     pairs, volume by volume, so indices are dense) and ``source``.
 
-    Building it reads every volume once to count its slices (from the cache when there is one). With
-    ``cache="none"`` each slice decodes its whole volume: use a cache.
+    With ``stride`` k only every k-th slice of a volume is used: ``ceil(n / k)`` of its ``n`` slices, centred
+    (the unused remainder is split between both ends, whose slices are often empty).
+
+    Building it reads every volume once to count its slices (from the cache when there is one), unless
+    ``slice_counts`` gives them. With ``cache="none"`` each slice decodes its whole volume: use a cache.
 
     Args:
         volumes: a :class:`CachedVolumes` (e.g. ``VolumeDataset.volumes``, sharing its cache) or records.
         load_kwargs, cache, cache_dir: as for :class:`CachedVolumes` when ``volumes`` is a list of records.
         index_offset: added to every index.
+        stride: use every ``stride``-th slice.
+        slice_counts: the number of slices of each volume, if known (e.g. from :meth:`CachedVolumes.check`).
     """
 
     def __init__(
@@ -186,16 +260,26 @@ class SliceDataset(Dataset):
         cache: CacheMode = "auto",
         cache_dir: str | os.PathLike | None = None,
         index_offset: int = 0,
+        stride: int = 1,
+        slice_counts: Sequence[int] | None = None,
     ):
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
         if not isinstance(volumes, CachedVolumes):
             volumes = CachedVolumes(volumes, load_kwargs, cache, cache_dir)
         if volumes.cache == "none":
             logger.warning("SliceDataset without a cache decodes a whole volume for every slice")
         self.volumes = volumes
         self.index_offset = index_offset
-        slice_counts = np.array([volumes[i]["volume"].shape[0] for i in range(len(volumes))], dtype=np.int64)
-        # starts[v] = flat index of the first slice of volume v; the last entry is the total.
-        self._starts = np.concatenate([[0], np.cumsum(slice_counts)])
+        self.stride = stride
+        if slice_counts is None:
+            slice_counts = [volumes[i]["volume"].shape[0] for i in range(len(volumes))]
+        if len(slice_counts) != len(volumes):
+            raise ValueError(f"{len(slice_counts)} slice counts for {len(volumes)} volumes")
+        self._slice_counts = np.asarray(slice_counts, dtype=np.int64)
+        used = (self._slice_counts + stride - 1) // stride  # ceil(n / stride)
+        # starts[v] = flat index of the first used slice of volume v; the last entry is the total.
+        self._starts = np.concatenate([[0], np.cumsum(used)])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -203,12 +287,17 @@ class SliceDataset(Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         if not 0 <= position < len(self):
             raise IndexError(f"slice index {position} out of range for {len(self)} slices")
-        volume_position = int(np.searchsorted(self._starts, position, side="right")) - 1
+        volume_position, slice_index = self.locate(position)
         item = self.volumes[volume_position]
-        slice_index = position - int(self._starts[volume_position])
         # clone: a view would keep the whole cached volume alive in the consumer, and must not be written to.
         image = item["volume"][slice_index].clone()[None]
         return {"image": image, "index": self.index_offset + position, "source": item["source"]}
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """The (volume position, slice index within the volume) of a sample position."""
+        volume_position = int(np.searchsorted(self._starts, position, side="right")) - 1
+        first = int((self._slice_counts[volume_position] - 1) % self.stride) // 2  # centres the used slices
+        return volume_position, first + self.stride * (position - int(self._starts[volume_position]))
 
 
 def collate_volumes(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -231,6 +320,18 @@ def collate_volumes(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([int(sample["index"]) for sample in samples], dtype=torch.long),
         "source": [sample["source"] for sample in samples],
     }
+
+
+def _bad_file_cause(error: BaseException) -> BadFileError | None:
+    """The BadFileError in an exception's chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BadFileError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _record_item(record: VolumeRecord) -> dict[str, Any]:

@@ -1,0 +1,408 @@
+"""JointSSL: the pretraining LightningModule. It wires the slice encoder (f_intra), the slice aggregator
+(f_inter), the heads and the three losses; each part lives in `jointssl.models` / `jointssl.losses` and is tested
+on its own.
+
+One step (DESIGN.md section 2): every 2D crop and every real slice of both volume views goes through f_intra in one
+batched pass per resolution; L_intra on the 2D crops and on paired slices of the two views; f_inter aggregates
+each view's slices into a volume feature for L_inter; L_mask predicts masked slice embeddings from the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from torch import Tensor
+
+from jointssl import distributed
+from jointssl.losses import masked_embedding_loss, random_slice_mask
+from jointssl.losses.clustering import ClusteringTask
+from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
+from jointssl.optim import LARS, warmup_cosine_lambda
+
+log = logging.getLogger("jointssl")
+
+CHECKPOINT_FORMAT_VERSION = 1
+#: Parts that `freeze` may name.
+PARTS = ("encoder", "intra", "aggregator", "inter", "mask_decoder")
+
+
+class JointSSL(LightningModule):
+    """Joint 2D + 3D self-supervised pretraining (intra-inter contrastive clustering).
+
+    L = intra_weight * L_intra + inter_weight * L_inter + mask_weight * L_mask. A weight of 0 switches a loss off
+    (it is not computed); together with `freeze` this gives the staged recipe of the authors' code and the plain 2D
+    baselines (see configs/pretrain/).
+
+    Args:
+        backbone: timm model name of the 2D slice encoder (`in_chans=1`, no pretrained weights are downloaded).
+        d_model: width of the multi-scale slice embedding (and of the aggregator tokens).
+        method: "swav" (Sinkhorn swapped assignment) or "deepcluster" (k-means pseudo-labels, DeepCluster-v2), for
+            both L_intra and L_inter.
+        projection_hidden_dim: hidden width of the projection MLPs (0: a single linear layer).
+        projection_dim: output width of the projection MLPs (the space the prototypes live in).
+        num_prototypes: 2D prototypes per head. SwAV uses exactly one head; DeepCluster-v2 one k-means per head.
+        num_prototypes_3d: 3D (volume) prototypes per head, for L_inter.
+        temperature: softmax temperature of the prototype scores.
+        sinkhorn_epsilon: entropic regularisation of Sinkhorn-Knopp (SwAV).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (SwAV).
+        queue_length: SwAV queue of past 2D embeddings per assigned crop (0: none). Helps small batches.
+        queue_length_3d: SwAV queue of past volume embeddings (volume batches are small: keep one).
+        queue_start_epoch: the epoch from which the queues are used for computing codes.
+        freeze_prototypes_steps: SwAV prototypes receive no update during the first steps (stabilises start).
+        kmeans_iterations: spherical k-means iterations per epoch (DeepCluster-v2).
+        intra_weight: weight of L_intra (2D crops + paired volume slices).
+        inter_weight: weight of L_inter (3D cluster agreement of the two volume views).
+        mask_weight: weight of L_mask (masked slice-embedding prediction).
+        intra_slices_per_volume: slices per volume (same positions in both views) that enter L_intra.
+        mask_ratio: fraction of a volume's real slices replaced by the mask token for L_mask.
+        aggregator_layers: f_inter transformer layers.
+        aggregator_heads: f_inter attention heads.
+        aggregator_ffn_dim: f_inter feed-forward width.
+        aggregator_dropout: f_inter dropout.
+        deformable_downsample: one deformable reference point per this many slices.
+        deformable_offset_scale: bound of the learned offsets (in reference spacings, see DeformableSliceAttention).
+        freeze: parts that are not trained, from "encoder", "intra", "aggregator", "inter", "mask_decoder".
+            Frozen parts run in eval mode (no BatchNorm statistics updates).
+        init_from: a jointssl checkpoint whose weights initialise this model (the previous stage of a staged
+            recipe). Loaded with `weights_only=True`; missing/unexpected keys are logged.
+        slice_chunk_size: run f_intra over at most this many slices/crops at a time (0: all at once).
+        checkpoint_slices: recompute f_intra activations in the backward pass (per chunk) to fit 64-slice volumes.
+        base_lr: learning rate for `lr_reference_batch_size` samples; the actual rate scales linearly with the
+            global batch size (per-device 2D batch x devices x nodes x gradient accumulation).
+        lr_reference_batch_size: the batch size `base_lr` is quoted for.
+        min_lr_ratio: final learning rate of the cosine schedule, as a fraction of the peak.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        weight_decay: applied to weights only (no bias / norm parameters), as in the reference.
+        momentum: SGD momentum.
+        lars_trust_coefficient: LARS trust coefficient (eta); 0 disables the LARS adaptation (plain SGD).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        d_model: int = 640,
+        method: Literal["swav", "deepcluster"] = "swav",
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        num_prototypes: list[int] = [3000],  # noqa: B006 - jsonargparse needs a literal default for the schema
+        num_prototypes_3d: list[int] = [300],  # noqa: B006
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        queue_length: int = 0,
+        queue_length_3d: int = 0,
+        queue_start_epoch: int = 15,
+        freeze_prototypes_steps: int = 313,
+        kmeans_iterations: int = 10,
+        intra_weight: float = 1.0,
+        inter_weight: float = 1.0,
+        mask_weight: float = 1.0,
+        intra_slices_per_volume: int = 8,
+        mask_ratio: float = 0.15,
+        aggregator_layers: int = 4,
+        aggregator_heads: int = 8,
+        aggregator_ffn_dim: int = 720,
+        aggregator_dropout: float = 0.1,
+        deformable_downsample: int = 4,
+        deformable_offset_scale: float = 2.0,
+        freeze: list[str] = [],  # noqa: B006
+        init_from: str | None = None,
+        slice_chunk_size: int = 0,
+        checkpoint_slices: bool = False,
+        base_lr: float = 0.6,
+        lr_reference_batch_size: int = 256,
+        min_lr_ratio: float = 0.001,
+        warmup_epochs: float = 10.0,
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        lars_trust_coefficient: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        unknown = set(freeze) - set(PARTS)
+        if unknown:
+            raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+        if min(intra_weight, inter_weight, mask_weight) < 0 or intra_weight + inter_weight + mask_weight == 0:
+            raise ValueError("loss weights must be >= 0 and not all 0")
+        self.save_hyperparameters()
+        task = dict(
+            method=method, hidden_dim=projection_hidden_dim, out_dim=projection_dim, temperature=temperature,
+            sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
+            kmeans_iterations=kmeans_iterations,
+        )
+        self.encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
+        self.intra = ClusteringTask(in_dim=d_model, num_prototypes=num_prototypes, queue_length=queue_length, **task)
+        self.aggregator = SliceAggregator(
+            d_model=d_model, num_layers=aggregator_layers, num_heads=aggregator_heads, ffn_dim=aggregator_ffn_dim,
+            dropout=aggregator_dropout, downsample=deformable_downsample, offset_scale=deformable_offset_scale,
+        )
+        self.inter = ClusteringTask(
+            in_dim=d_model, num_prototypes=num_prototypes_3d, queue_length=queue_length_3d, **task
+        )
+        self.mask_decoder = MaskDecoder(d_model)
+        # Prototype-usage monitors: how often each head-0 prototype won an assignment in the current epoch.
+        self.register_buffer("intra_counts", torch.zeros(num_prototypes[0], dtype=torch.long), persistent=False)
+        self.register_buffer("inter_counts", torch.zeros(num_prototypes_3d[0], dtype=torch.long), persistent=False)
+        if init_from:
+            self._init_from_checkpoint(init_from)
+        self._frozen: set[str] = set(freeze)
+        self._apply_freeze()
+
+    # ------------------------------------------------------------------ set-up
+    def _init_from_checkpoint(self, path: str) -> None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        # Queues and memory banks belong to the previous stage's run, not to the weights being handed on.
+        state = {k: v for k, v in state.items() if ".memory." not in k and "queue" not in k}
+        result = self.load_state_dict(state, strict=False)
+        log.info(
+            "initialised from %s: %d tensors; missing %s; unexpected %s",
+            path, len(state), result.missing_keys or "none", result.unexpected_keys or "none",
+        )
+
+    def _apply_freeze(self) -> None:
+        for name in self._frozen:
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        data = self.trainer.datamodule
+        has_volumes = getattr(data, "num_volumes", 0) > 0
+        # Parts no active loss uses must not require gradients: DDP would wait for their gradients forever.
+        unused = set()
+        if self.hparams.intra_weight == 0:
+            unused.add("intra")
+        if self.hparams.inter_weight == 0 or not has_volumes:
+            unused.add("inter")
+        if self.hparams.mask_weight == 0 or not has_volumes:
+            unused.add("mask_decoder")
+        if {"inter", "mask_decoder"} <= unused:
+            unused.add("aggregator")
+        elif "mask_decoder" in unused:
+            self.aggregator.mask_token.requires_grad_(False)
+        if unused - self._frozen:
+            log.info("not trained (no active loss uses them): %s", ", ".join(sorted(unused - self._frozen)))
+        self._frozen |= unused
+        self._apply_freeze()
+        # DeepCluster-v2 banks: each rank holds the embeddings of its shard of one epoch.
+        world = self.trainer.world_size
+        num_volumes = getattr(data, "num_volumes", 0)
+        self.intra.attach_memory(data.num_samples, bank_size=math.ceil((data.num_samples - num_volumes) / world))
+        self.inter.attach_memory(data.num_samples, bank_size=math.ceil(max(1, num_volumes) / world))
+
+    def train(self, mode: bool = True) -> JointSSL:
+        super().train(mode)
+        # Frozen parts stay in eval mode: their BatchNorm statistics must not drift either.
+        for name in getattr(self, "_frozen", ()):
+            getattr(self, name).eval()
+        return self
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainer = self.trainer
+        total_steps = max(1, int(trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, trainer.num_training_batches // max(1, trainer.accumulate_grad_batches))
+        warmup_steps = min(int(self.hparams.warmup_epochs * steps_per_epoch), total_steps - 1)
+        lr = self.hparams.base_lr * self.global_batch_size() / self.hparams.lr_reference_batch_size
+        log.info(
+            "learning rate %.4g = base_lr %.4g x global batch %d / %d; %d warm-up of %d steps",
+            lr, self.hparams.base_lr, self.global_batch_size(), self.hparams.lr_reference_batch_size,
+            warmup_steps, total_steps,
+        )
+        optimizer = LARS(
+            [p for p in self.parameters() if p.requires_grad],
+            lr=lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+            trust_coefficient=self.hparams.lars_trust_coefficient,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine_lambda(warmup_steps, total_steps, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def global_batch_size(self) -> int:
+        """2D samples per optimizer step over all devices (volumes count through their slices in L_intra; the
+        linear scaling rule follows the 2D batch, as in the reference SwAV/DeepCluster recipes)."""
+        trainer = self.trainer
+        per_device = trainer.datamodule.batch_size
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, images: list[Tensor]) -> list[Tensor]:
+        """f_intra over several image batches [B_i, 1, h, w], one batched pass per resolution (chunked and
+        checkpointed when configured). Returns [B_i, d_model] per input."""
+        outputs: list[Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+        for members in by_size.values():
+            batch = torch.cat([images[i] for i in members])
+            chunk = self.hparams.slice_chunk_size
+            if chunk > 0 and batch.shape[0] > chunk:
+                features = self.encoder.forward_chunked(batch, chunk, checkpoint=self.hparams.checkpoint_slices)
+            else:
+                features = self.encoder(batch)
+            for i, part in zip(members, features.split([images[i].shape[0] for i in members])):
+                outputs[i] = part
+        return outputs  # type: ignore[return-value]
+
+    def _use_queue(self, length: int) -> bool:
+        return length > 0 and self.current_epoch >= self.hparams.queue_start_epoch
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Every active loss of one batch (weighted sum under "loss"), and the assignment tensors for monitoring."""
+        hp = self.hparams
+        images = batch.get("images")
+        volumes = batch.get("volumes")
+        inputs: list[Tensor] = []
+        if images is not None and hp.intra_weight > 0:
+            inputs.extend(images["crops"])
+        real = None
+        if volumes is not None:
+            views, padding = volumes["views"], volumes["padding_mask"]  # [B,2,N,1,S,S], [B,N]
+            real = ~padding
+            # Only real slices go through the CNN; the two views share one slab, so one mask serves both.
+            inputs.append(views[:, 0][real])
+            inputs.append(views[:, 1][real])
+        features = self.encode(inputs)
+        out: dict[str, Tensor] = {}
+        intra_parts: list[tuple[Tensor, int]] = []
+        if images is not None and hp.intra_weight > 0:
+            n = len(images["crops"])
+            embeddings = [self.intra.project(f) for f in features[:n]]
+            result = self.intra.multicrop_loss(embeddings, images["index"], self._use_queue(hp.queue_length))
+            intra_parts.append((result.loss, images["index"].shape[0]))
+            out["intra_assignments"] = result.assignments
+            features = features[n:]
+        if volumes is not None:
+            slices_s, slices_t = features
+            batch_size, num_slices = real.shape
+            z_s = slices_s.new_zeros(batch_size, num_slices, slices_s.shape[-1])
+            z_t = z_s.clone()
+            z_s[real], z_t[real] = slices_s, slices_t
+            if hp.intra_weight > 0:
+                pick = self._pick_slices(real, hp.intra_slices_per_volume)
+                pair = self.intra.pair_loss(
+                    self.intra.project(z_s[pick]), self.intra.project(z_t[pick]), self._use_queue(hp.queue_length)
+                )
+                intra_parts.append((pair.loss, int(pick.sum())))
+            if hp.inter_weight > 0:
+                volume_s = self.aggregator.pool(self.aggregator(z_s, padding), padding)
+                volume_t = self.aggregator.pool(self.aggregator(z_t, padding), padding)
+                embeddings = [self.inter.project(volume_s), self.inter.project(volume_t)]
+                result = self.inter.multicrop_loss(embeddings, volumes["index"], self._use_queue(hp.queue_length_3d))
+                out["inter"] = result.loss
+                out["inter_assignments"] = result.assignments
+            if hp.mask_weight > 0:
+                mask = random_slice_mask(padding, num_slices, batch_size, ratio=hp.mask_ratio, device=z_s.device)
+                tokens = self.aggregator(self.aggregator.apply_mask(z_s, mask), padding)
+                out["mask"] = masked_embedding_loss(self.mask_decoder(tokens), z_s, mask)
+        if intra_parts:
+            # Images and slice pairs weighted by their number of samples.
+            total = sum(count for _, count in intra_parts)
+            out["intra"] = sum(loss * (count / total) for loss, count in intra_parts)
+        out["loss"] = sum(hp[f"{name}_weight"] * out[name] for name in ("intra", "inter", "mask") if name in out)
+        return out
+
+    @staticmethod
+    def _pick_slices(real: Tensor, per_volume: int) -> Tensor:
+        """A random subset of at most `per_volume` real slices of each volume (bool [B, N])."""
+        scores = torch.rand(real.shape, device=real.device).masked_fill(~real, -1.0)
+        k = min(per_volume, real.shape[1])
+        top = scores.topk(k, dim=1).indices
+        pick = torch.zeros_like(real)
+        pick.scatter_(1, top, True)
+        return pick & real
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        if self.intra.memory_is_empty() or self.inter.memory_is_empty():
+            self._fill_memory_banks()
+
+    @torch.no_grad()
+    def _fill_memory_banks(self) -> None:
+        """DeepCluster-v2 clusters at every epoch start, so the banks must hold embeddings before the first epoch:
+        one pass over the (augmented) training data, as the reference's init_memory."""
+        was_training = self.training
+        self.eval()
+        # The trainer's loaders, not fresh ones: under DDP they carry the distributed sampler, so each rank
+        # fills its bank from its own shard. (`trainer.train_dataloader` is the dict of the combined loaders.)
+        for batch, _, _ in CombinedLoader(self.trainer.train_dataloader, mode="max_size_cycle"):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            images, volumes = batch.get("images"), batch.get("volumes")
+            if images is not None and self.hparams.intra_weight > 0:
+                features = self.encode(images["crops"][:2])
+                self.intra.fill_memory(images["index"], [self.intra.project(f) for f in features])
+            if volumes is not None and self.hparams.inter_weight > 0:
+                padding = volumes["padding_mask"]
+                real = ~padding
+                views = []
+                for v in range(2):
+                    slices = self.encode([volumes["views"][:, v][real]])[0]
+                    z = slices.new_zeros(*real.shape, slices.shape[-1])
+                    z[real] = slices
+                    views.append(self.inter.project(self.aggregator.pool(self.aggregator(z, padding), padding)))
+                self.inter.fill_memory(volumes["index"], views)
+        self.train(was_training)
+        log.info("DeepCluster-v2 memory banks filled")
+
+    def on_train_epoch_start(self) -> None:
+        self.intra_counts.zero_()
+        self.inter_counts.zero_()
+        if self.hparams.intra_weight > 0:
+            self.intra.on_epoch_start(seed=self.current_epoch)
+        if self.hparams.inter_weight > 0 and getattr(self.trainer.datamodule, "num_volumes", 0) > 0:
+            self.inter.on_epoch_start(seed=self.current_epoch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.intra.before_step()
+        self.inter.before_step()
+        out = self.compute_losses(batch)
+        for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
+            assignments = out.get(f"{name}_assignments")
+            if assignments is not None:
+                counts += torch.bincount(assignments[assignments >= 0], minlength=counts.numel())
+        batch_size = self._batch_size(batch)
+        for name in ("intra", "inter", "mask"):
+            if name in out:
+                self.log(f"train/loss_{name}", out[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/loss", out["loss"], batch_size=batch_size, sync_dist=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return out["loss"]
+
+    @staticmethod
+    def _batch_size(batch: dict[str, Any]) -> int:
+        return sum(stream["index"].shape[0] for stream in batch.values() if stream is not None)
+
+    def on_after_backward(self) -> None:
+        if self.global_step < self.hparams.freeze_prototypes_steps:
+            self.intra.drop_prototype_grads()
+            self.inter.drop_prototype_grads()
+
+    def on_train_epoch_end(self) -> None:
+        for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
+            counts = distributed.all_reduce_sum(counts.clone()).float()
+            if counts.sum() == 0:
+                continue
+            probs = counts / counts.sum()
+            nonzero = probs[probs > 0]
+            entropy = -(nonzero * nonzero.log()).sum() / math.log(max(2, counts.numel()))
+            self.log(f"train/{name}_prototypes_used", (counts > 0).float().mean())
+            self.log(f"train/{name}_assignment_entropy", entropy)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["jointssl_format_version"] = CHECKPOINT_FORMAT_VERSION
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        version = checkpoint.get("jointssl_format_version")
+        if version != CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint format version {version!r} is not the {CHECKPOINT_FORMAT_VERSION} this jointssl reads"
+            )
