@@ -31,6 +31,8 @@ class JointSSLCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MONAI announces on import that an optional GPU DICOM decoder is missing; jointssl does not use it.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     JointSSLCLI(
         LightningModule,
         LightningDataModule,

@@ -166,8 +166,10 @@ class JointSSL(LightningModule):
 
     def _apply_freeze(self) -> None:
         for name in self._frozen:
-            for p in getattr(self, name).parameters():
-                p.requires_grad_(False)
+            module = getattr(self, name)
+            module.requires_grad_(False)
+            # Lightning never calls `model.train()` (it keeps each module's mode), so set eval mode here too.
+            module.eval()
 
     def setup(self, stage: str) -> None:
         if stage != "fit":

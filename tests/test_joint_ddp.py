@@ -1,0 +1,58 @@
+"""Two gloo ranks, each holding half of a fixed joint batch, agree with one process holding all of it: L_intra,
+L_inter, the 3D assignments (Sinkhorn codes / k-means labels and centroids) and the aggregator's gradients."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.ddp_joint_worker import run
+from tests.test_losses_ddp import free_port
+
+WORLD_SIZE = 2
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ddp_joint")
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ddp_joint_worker", "--rank", str(rank), "--world-size", str(WORLD_SIZE),
+             "--port", str(port), "--out", str(out_dir)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    try:
+        logs = [worker.communicate(timeout=180)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for worker, log in zip(workers, logs):
+        assert worker.returncode == 0, f"rank failed:\n{log}"
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["swav", "deepcluster"])
+def test_joint_losses_equal_the_union(rank_results, method: str) -> None:
+    union = run(method, rank=None, world_size=1)
+    ranks = [r[method] for r in rank_results]
+    for name in ("intra", "inter"):
+        # Each rank's loss is a mean over its equal-sized half; DDP averages the gradients the same way.
+        torch.testing.assert_close(torch.stack([r[name] for r in ranks]).mean(), union[name], **TOL)
+    assignments = torch.cat([r["inter_assignments"] for r in ranks])
+    assert torch.equal(assignments, union["inter_assignments"])
+    grad = torch.stack([r["aggregator_grad"] for r in ranks]).mean(dim=0)
+    torch.testing.assert_close(grad, union["aggregator_grad"], **TOL)
+    if method == "deepcluster":
+        for r in ranks:
+            torch.testing.assert_close(r["inter_centroids"], union["inter_centroids"], **TOL)
+            assert torch.equal(r["inter_labels"], union["inter_labels"])
