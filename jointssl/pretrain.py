@@ -195,6 +195,16 @@ class JointSSL(LightningModule):
         # DeepCluster-v2 banks: each rank holds the embeddings of its shard of one epoch.
         world = self.trainer.world_size
         num_volumes = getattr(data, "num_volumes", 0)
+        if self.hparams.method == "deepcluster":
+            # k-means needs at least as many embeddings as clusters: say so now, not at the first epoch start.
+            checks = [("2D samples", data.num_samples - num_volumes, self.hparams.num_prototypes, "intra")]
+            checks.append(("volumes", num_volumes, self.hparams.num_prototypes_3d, "inter"))
+            for what, count, prototypes, task in checks:
+                if task not in self._frozen and count < max(prototypes):
+                    raise ValueError(
+                        f"DeepCluster-v2 needs at least as many {what} as prototypes per head: {count} < "
+                        f"{max(prototypes)}; lower num_prototypes{'_3d' if task == 'inter' else ''} or add data"
+                    )
         self.intra.attach_memory(data.num_samples, bank_size=math.ceil((data.num_samples - num_volumes) / world))
         self.inter.attach_memory(data.num_samples, bank_size=math.ceil(max(1, num_volumes) / world))
 

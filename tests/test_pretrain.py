@@ -211,3 +211,9 @@ def test_staged_recipe_hands_weights_from_stage_to_stage(tmp_path: Path) -> None
     for key, value in stage2.encoder.state_dict().items():
         assert torch.equal(value, encoder_before[key]), key  # weights and BatchNorm statistics
     assert any(not torch.equal(a, b) for a, b in zip(aggregator_before, stage2.aggregator.parameters()))
+
+
+def test_deepcluster_with_more_prototypes_than_samples_fails_before_training(tmp_path: Path) -> None:
+    model = JointSSL(**TINY_MODEL, method="deepcluster", num_prototypes=[100])
+    with pytest.raises(ValueError, match="at least as many 2D samples as prototypes per head: 64 < 100"):
+        fit(model, tiny_data(tmp_path), tmp_path, max_steps=1)
