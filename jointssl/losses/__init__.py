@@ -1,0 +1,20 @@
+"""Losses of jointssl: Sinkhorn-Knopp, SwAV, distributed spherical k-means, DeepCluster-v2, masked slice-embedding
+prediction, and ClusteringTask (one clustering objective with its heads and state)."""
+
+from jointssl.losses.deepcluster import DeepClusterMemory, DeepClusterV2Loss
+from jointssl.losses.kmeans import KMeansResult, spherical_kmeans
+from jointssl.losses.masked import masked_embedding_loss, random_slice_mask
+from jointssl.losses.sinkhorn import sinkhorn_knopp
+from jointssl.losses.swav import SwAVLoss, SwAVOutput
+
+__all__ = [
+    "DeepClusterMemory",
+    "DeepClusterV2Loss",
+    "KMeansResult",
+    "SwAVLoss",
+    "SwAVOutput",
+    "masked_embedding_loss",
+    "random_slice_mask",
+    "sinkhorn_knopp",
+    "spherical_kmeans",
+]

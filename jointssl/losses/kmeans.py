@@ -1,0 +1,192 @@
+"""Distributed spherical k-means (the clustering step of DeepCluster-v2).
+
+Every rank holds a shard of the embeddings. The result is identical to one process holding the concatenation
+of all shards in rank order: the initial centroids are rows chosen by global index with a seeded generator,
+and each iteration all-reduces the per-cluster sums and counts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jointssl.distributed import all_gather_cat, all_reduce_sum, rank
+
+# Elements of one chunk of the [chunk, K] score matrix. On CPU the block (2 MiB) then stays in cache between the
+# matmul that writes it and the argmax that reads it (larger chunks measured slower in the setting of
+# benchmarks/bench_kmeans.py); on an accelerator larger blocks mean fewer kernel launches while memory stays
+# bounded (256 MiB).
+_CPU_CHUNK_ELEMENTS = 1 << 19
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+# Halvings of the CPU argmax in _NearestCentroids._tree_argmax: 2**halvings column groups (at K=3000, 4 took
+# less time than 3 or 5, measured with torch.profiler in benchmarks/bench_kmeans.py's setting).
+_ARGMAX_HALVINGS = 4
+
+
+class KMeansResult(NamedTuple):
+    """centroids: [K, D] L2-normalised float32; assignments: [N_local] nearest centroid of each local row."""
+
+    centroids: Tensor
+    assignments: Tensor
+
+
+@torch.no_grad()
+def spherical_kmeans(
+    embeddings: Tensor,
+    num_clusters: int,
+    iterations: int = 10,
+    seed: int = 0,
+    init_centroids: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> KMeansResult:
+    """Spherical k-means (cosine similarity) over the embeddings of all ranks.
+
+    Args:
+        embeddings: [N_local, D] this rank's rows (normalised to unit length here; any float dtype). All ranks
+            must call this together when torch.distributed is initialised; N_local may differ between ranks.
+        num_clusters: K; the ranks together must hold at least K rows.
+        iterations: assignment + update steps; the returned assignments are then recomputed against the final
+            centroids (as in the DeepCluster-v2 reference).
+        seed: seeds the choice of the K distinct global rows that initialise the centroids.
+        init_centroids: [K, D] starting centroids (same on every rank) instead of the seeded choice.
+        chunk_size: rows scored against the centroids at once (bounds the [chunk, K] score matrix); by default
+            chosen from K and the device.
+
+    Returns:
+        KMeansResult. A cluster that receives no row keeps its previous centroid.
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        points = F.normalize(embeddings.detach().float(), dim=1)
+        if init_centroids is None:
+            centroids = _seeded_initial_centroids(points, num_clusters, seed)
+        else:
+            if tuple(init_centroids.shape) != (num_clusters, points.shape[1]):
+                raise ValueError(
+                    f"init_centroids must be [{num_clusters}, {points.shape[1]}], "
+                    f"got shape {tuple(init_centroids.shape)}"
+                )
+            centroids = F.normalize(init_centroids.detach().to(points.device, torch.float32), dim=1)
+
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        rows_per_chunk = chunk_size or _default_chunk_size(num_clusters, points.device)
+        nearest_centroids = _NearestCentroids(points.shape[0], num_clusters, rows_per_chunk, like=points)
+        assignments = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+
+        for _ in range(iterations):
+            nearest_centroids(points, centroids, out=assignments)
+            centroids = _updated_centroids(points, assignments, centroids)
+        nearest_centroids(points, centroids, out=assignments)
+    return KMeansResult(centroids=centroids, assignments=assignments)
+
+
+def _default_chunk_size(num_clusters: int, device: torch.device) -> int:
+    elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, elements // num_clusters)
+
+
+def _seeded_initial_centroids(points: Tensor, num_clusters: int, seed: int) -> Tensor:
+    """K distinct rows of the global (rank-ordered) concatenation, the same on every rank."""
+    local_count = torch.tensor([points.shape[0]], dtype=torch.long, device=points.device)
+    counts_per_rank = all_gather_cat(local_count).tolist()
+    total = sum(counts_per_rank)
+    if total < num_clusters:
+        raise ValueError(f"k-means needs at least num_clusters={num_clusters} embeddings, got {total} in all")
+    offset = sum(counts_per_rank[: rank()])
+    # A CPU generator: the same permutation on every rank whatever its device.
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(total, generator=generator)[:num_clusters].to(points.device)
+    local_rows = chosen - offset
+    owned = (local_rows >= 0) & (local_rows < points.shape[0])
+    centroids = points.new_zeros((num_clusters, points.shape[1]))
+    centroids[owned] = points[local_rows[owned]]
+    # Each chosen row is owned by exactly one rank: the sum is that row.
+    return all_reduce_sum(centroids)
+
+
+class _ChunkViews(NamedTuple):
+    """Views of the reused buffers for one chunk size, made once (slicing costs Python time every chunk)."""
+
+    mm_out: Tensor  # [rows, K] scores written by the matmul
+    halvings: list[tuple[Tensor, Tensor, Tensor]]  # (left half, right half, output) of each halving
+    grouped: Tensor  # [rows, G, W] view of the padded scores
+
+
+class _NearestCentroids:
+    """Assigns rows to their most similar centroid, scoring a chunk of rows at a time into reused buffers (no
+    allocation, and on CPU no fresh pages to fault in, inside the k-means loop)."""
+
+    def __init__(self, num_rows: int, num_clusters: int, rows_per_chunk: int, like: Tensor) -> None:
+        self.num_clusters = num_clusters
+        self.rows_per_chunk = rows_per_chunk
+        buffer_rows = min(rows_per_chunk, num_rows)
+        # On CPU a row-wise argmax over K columns is a scalar loop (measured: a quarter of the matmul's time at
+        # K=3000, and far worse with 2 threads on a busy machine), while elementwise maxima are vectorised:
+        # see _tree_argmax. Elsewhere torch.argmax is a fast reduction.
+        self.use_tree = like.device.type == "cpu"
+        self.groups = 2**_ARGMAX_HALVINGS if self.use_tree else 1
+        # K padded to a multiple of the number of groups; the padding columns hold -inf and are never written.
+        padded = -(-num_clusters // self.groups) * self.groups
+        self.scores = like.new_full((buffer_rows, padded), float("-inf"))
+        halvings = _ARGMAX_HALVINGS if self.use_tree else 0
+        self.levels = [like.new_empty((buffer_rows, padded >> level)) for level in range(1, halvings + 1)]
+        self._views: dict[int, _ChunkViews] = {}
+
+    def __call__(self, points: Tensor, centroids: Tensor, out: Tensor) -> None:
+        """out[i] = argmax_k <points[i], centroids[k]> (ties broken deterministically)."""
+        centroids_t = centroids.t()
+        for block, block_out in zip(points.split(self.rows_per_chunk), out.split(self.rows_per_chunk)):
+            views = self._chunk_views(block.shape[0])
+            torch.mm(block, centroids_t, out=views.mm_out)
+            if self.use_tree:
+                self._tree_argmax(views, out=block_out)
+            else:
+                torch.argmax(views.mm_out, dim=1, out=block_out)
+
+    def _chunk_views(self, rows: int) -> _ChunkViews:
+        if rows not in self._views:
+            scores = self.scores[:rows]
+            halvings, level = [], scores
+            for output in self.levels:
+                width = level.shape[1] // 2
+                halvings.append((level[:, :width], level[:, width:], output[:rows]))
+                level = output[:rows]
+            grouped = scores.view(rows, self.groups, scores.shape[1] // self.groups)
+            self._views[rows] = _ChunkViews(scores[:, : self.num_clusters], halvings, grouped)
+        return self._views[rows]
+
+    def _tree_argmax(self, views: _ChunkViews, out: Tensor) -> None:
+        """Row-wise argmax of [rows, G * W] scores (G = 2**_ARGMAX_HALVINGS groups of W columns) without a
+        K-wide argmax.
+
+        The halvings (elementwise maxima of the left and right halves) leave, for every column c < W, the
+        maximum over columns c, W + c, ..., (G - 1) * W + c. The argmax over those W maxima is the column c of
+        the row's maximum within its group; the argmax over the G candidates g * W + c is its group g.
+        """
+        for left, right, output in views.halvings:
+            torch.maximum(left, right, out=output)
+        rows, groups, group_width = views.grouped.shape
+        column = views.halvings[-1][2].argmax(dim=1)
+        candidates = views.grouped.gather(2, column.view(rows, 1, 1).expand(rows, groups, 1))
+        torch.add(column, candidates.view(rows, groups).argmax(dim=1), alpha=group_width, out=out)
+
+
+def _updated_centroids(points: Tensor, assignments: Tensor, centroids: Tensor) -> Tensor:
+    """Normalised member sums over all ranks; clusters without members keep their centroid."""
+    num_clusters, dim = centroids.shape
+    # index_add_ into a contiguous tensor: into a column slice of a wider one it is several times slower.
+    sums = all_reduce_sum(points.new_zeros((num_clusters, dim)).index_add_(0, assignments, points))
+    counts = all_reduce_sum(torch.bincount(assignments, minlength=num_clusters))
+    norms = sums.norm(dim=1, keepdim=True)
+    # A cluster whose members cancel out (norm 0) has no direction either: it keeps its centroid too.
+    keep_previous = (counts == 0).unsqueeze(1) | (norms == 0)
+    return torch.where(keep_previous, centroids, sums / norms.clamp_min(torch.finfo(torch.float32).tiny))

@@ -1,0 +1,136 @@
+"""SwAV swapped-prediction loss with an optional queue of past embeddings (Caron et al., 2020).
+
+For each crop used for assignment, Sinkhorn-Knopp turns that crop's prototype scores into codes q (no
+gradient); every other crop must predict q through softmax(scores / temperature). The queue holds the most
+recent embeddings of the assigned crops so that small batches still give Sinkhorn enough samples to spread
+over all prototypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jointssl.losses.sinkhorn import sinkhorn_knopp
+
+
+class SwAVOutput(NamedTuple):
+    """loss: scalar; assignments: [B] argmax of the codes of the first assigned crop (prototype usage)."""
+
+    loss: Tensor
+    assignments: Tensor
+
+
+class SwAVLoss(nn.Module):
+    """Swapped prediction between crops, as in the SwAV reference (facebookresearch/swav main_swav.py).
+
+    Buffers (saved in checkpoints): `queue` [len(crops_for_assign), queue_length, embedding_dim], newest rows
+    first, and `queue_filled`, the number of valid rows. Each rank keeps its own queue (codes are computed over
+    the queues and batches of all ranks together).
+    """
+
+    queue: Tensor
+    queue_filled: Tensor
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        crops_for_assign: Sequence[int] = (0, 1),
+        queue_length: int = 0,
+        embedding_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if not crops_for_assign:
+            raise ValueError("crops_for_assign must name at least one crop")
+        if queue_length < 0:
+            raise ValueError(f"queue_length must be >= 0, got {queue_length}")
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.crops_for_assign = tuple(int(c) for c in crops_for_assign)
+        self.queue_length = queue_length
+        self.embedding_dim = embedding_dim
+        self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, embedding_dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    def queue_is_full(self) -> bool:
+        """True once every queue row holds an embedding (reads a device scalar: one sync on GPU)."""
+        return self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
+
+    def forward(
+        self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False
+    ) -> SwAVOutput:
+        """Swapped-prediction loss.
+
+        Args:
+            embeddings: one [B, D] L2-normalised embedding per crop (crop 0..n-1), same B for every crop.
+            prototypes: [K, D] prototype weight; gradients flow into it and into the embeddings.
+            use_queue: prepend the queue's scores before Sinkhorn (only once the queue is full). The queue is
+                updated with this batch either way.
+        """
+        self._check_inputs(embeddings, prototypes)
+        batch_size = embeddings[0].shape[0]
+        prepend_queue = use_queue and self.queue_is_full()
+        # Scores, softmax and log in float32 whatever the autocast: scores / 0.1 and / 0.05 amplify bf16 errors.
+        with torch.autocast(device_type=prototypes.device.type, enabled=False):
+            prototypes32 = prototypes.float()
+            scores = [crop.float() @ prototypes32.t() for crop in embeddings]
+            log_probs = [F.log_softmax(crop_scores / self.temperature, dim=1) for crop_scores in scores]
+
+            crop_losses = []
+            assignments: Tensor | None = None
+            for slot, crop in enumerate(self.crops_for_assign):
+                with torch.no_grad():
+                    assign_scores = scores[crop].detach()
+                    if prepend_queue:
+                        queue_scores = self.queue[slot].float() @ prototypes32.detach().t()
+                        assign_scores = torch.cat([queue_scores, assign_scores])
+                    codes = sinkhorn_knopp(assign_scores, self.epsilon, self.sinkhorn_iterations)
+                    codes = codes[-batch_size:]  # the queue rows only shape the equipartition
+                    if assignments is None:
+                        assignments = codes.argmax(dim=1)
+                    self._push_to_queue(slot, embeddings[crop])
+                predictions = [
+                    -(codes * log_probs[view]).sum(dim=1).mean()
+                    for view in range(len(embeddings))
+                    if view != crop
+                ]
+                crop_losses.append(torch.stack(predictions).mean())
+            loss = torch.stack(crop_losses).mean()
+
+        if self.queue_length > 0:
+            self.queue_filled.add_(batch_size).clamp_(max=self.queue_length)
+        assert assignments is not None  # crops_for_assign is non-empty (checked in __init__)
+        return SwAVOutput(loss=loss, assignments=assignments)
+
+    @torch.no_grad()
+    def _push_to_queue(self, slot: int, crop_embeddings: Tensor) -> None:
+        """Newest rows first: the batch goes to the front, older rows shift back, the oldest drop out."""
+        if self.queue_length == 0:
+            return
+        queue = self.queue[slot]
+        shifted = torch.cat([crop_embeddings.detach().to(queue.dtype), queue])[: self.queue_length]
+        queue.copy_(shifted)
+
+    def _check_inputs(self, embeddings: Sequence[Tensor], prototypes: Tensor) -> None:
+        if len(embeddings) < 2:
+            raise ValueError(f"swapped prediction needs at least 2 crops, got {len(embeddings)}")
+        if max(self.crops_for_assign) >= len(embeddings) or min(self.crops_for_assign) < 0:
+            raise ValueError(
+                f"crops_for_assign {self.crops_for_assign} out of range for {len(embeddings)} crops"
+            )
+        shapes = {tuple(crop.shape) for crop in embeddings}
+        if len(shapes) != 1 or embeddings[0].ndim != 2:
+            raise ValueError(f"every crop must be a [B, D] tensor of the same shape, got {sorted(shapes)}")
+        if prototypes.ndim != 2 or prototypes.shape[1] != embeddings[0].shape[1]:
+            raise ValueError(
+                f"prototypes must be [K, {embeddings[0].shape[1]}], got shape {tuple(prototypes.shape)}"
+            )
+        if self.queue_length > 0 and self.embedding_dim != embeddings[0].shape[1]:
+            raise ValueError(f"queue holds {self.embedding_dim}-d embeddings, got {embeddings[0].shape[1]}-d")

@@ -1,0 +1,143 @@
+"""Spherical k-means: agreement with a plain reference, recovery, empty clusters, chunking, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jointssl.losses import KMeansResult, spherical_kmeans
+from jointssl.losses.kmeans import _NearestCentroids
+
+
+def reference_kmeans(points: torch.Tensor, init: torch.Tensor, iterations: int):
+    """Spherical k-means written plainly in float64: loop over clusters, mean of members, keep empty ones."""
+    points = F.normalize(points.double(), dim=1)
+    centroids = F.normalize(init.double(), dim=1)
+    for _ in range(iterations):
+        assignments = (points @ centroids.t()).argmax(dim=1)
+        for k in range(centroids.shape[0]):
+            members = points[assignments == k]
+            if len(members) > 0:
+                centroids[k] = F.normalize(members.mean(dim=0), dim=0)
+    return centroids, (points @ centroids.t()).argmax(dim=1)
+
+
+def blobs(num_blobs: int, per_blob: int, dim: int, noise: float, seed: int = 0):
+    """Points around `num_blobs` random unit directions; returns (points, true labels, directions)."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(num_blobs, dim, generator=generator), dim=1)
+    labels = torch.arange(num_blobs).repeat_interleave(per_blob)
+    points = directions[labels] + noise * torch.randn(len(labels), dim, generator=generator)
+    order = torch.randperm(len(labels), generator=generator)
+    return F.normalize(points[order], dim=1), labels[order], directions
+
+
+def test_matches_reference_from_the_same_start():
+    points, _, _ = blobs(6, 30, 8, noise=0.6, seed=1)
+    init = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(2))[:5]]
+    result = spherical_kmeans(points, 5, iterations=4, init_centroids=init)
+    ref_centroids, ref_assignments = reference_kmeans(points, init, 4)
+    assert isinstance(result, KMeansResult)
+    torch.testing.assert_close(result.centroids.double(), ref_centroids, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.assignments, ref_assignments)
+
+
+def test_recovers_well_separated_clusters():
+    points, labels, directions = blobs(5, 40, 16, noise=0.05, seed=3)
+    # One noisy sample of each blob as the start (a seeded random start may put two in one blob).
+    init = torch.stack([points[labels == k][0] for k in range(5)]) + 0.1
+    result = spherical_kmeans(points, 5, iterations=5, init_centroids=init)
+    assert torch.equal(result.assignments, labels)
+    assert ((result.centroids * directions).sum(dim=1) > 0.995).all()
+    torch.testing.assert_close(result.centroids.norm(dim=1), torch.ones(5))
+
+
+def test_seeded_start_uses_distinct_input_rows_and_is_deterministic():
+    points, _, _ = blobs(4, 25, 8, noise=0.5, seed=4)
+    start = spherical_kmeans(points, 10, iterations=0, seed=7).centroids
+    matches = (start @ points.t()).isclose(torch.tensor(1.0), atol=1e-6)
+    assert (matches.sum(dim=1) >= 1).all()
+    assert len({int(row.nonzero()[0]) for row in matches}) == 10
+    first = spherical_kmeans(points, 10, iterations=3, seed=7)
+    again = spherical_kmeans(points, 10, iterations=3, seed=7)
+    other = spherical_kmeans(points, 10, iterations=0, seed=8)
+    assert torch.equal(first.centroids, again.centroids) and torch.equal(first.assignments, again.assignments)
+    assert not torch.equal(start, other.centroids)
+
+
+def test_empty_cluster_keeps_its_centroid():
+    points = F.normalize(torch.rand(50, 6, generator=torch.Generator().manual_seed(5)) + 0.1, dim=1)
+    # Data in the positive orthant; the last centroid points away from all of it and never wins a point.
+    init = torch.cat([points[:3], -torch.ones(1, 6)])
+    result = spherical_kmeans(points, 4, iterations=5, init_centroids=init)
+    assert (result.assignments != 3).all()
+    torch.testing.assert_close(result.centroids[3], F.normalize(-torch.ones(6), dim=0))
+    assert torch.isfinite(result.centroids).all()
+
+
+def test_cluster_whose_members_cancel_keeps_its_centroid():
+    axis = torch.eye(3)
+    points = torch.stack([axis[1], -axis[1]])  # both orthogonal to the only centroid, and opposite
+    result = spherical_kmeans(points, 1, iterations=3, init_centroids=axis[:1])
+    torch.testing.assert_close(result.centroids, axis[:1])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_chunked_equals_unchunked(chunk_size):
+    points, _, _ = blobs(8, 25, 12, noise=0.5, seed=6)
+    whole = spherical_kmeans(points, 9, iterations=4, seed=1, chunk_size=len(points))
+    chunked = spherical_kmeans(points, 9, iterations=4, seed=1, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked.centroids, whole.centroids)
+    assert torch.equal(chunked.assignments, whole.assignments)
+
+
+@pytest.mark.parametrize("num_clusters", [1, 7, 8, 13, 300])
+def test_assignment_is_the_argmax_for_any_number_of_clusters(num_clusters):
+    generator = torch.Generator().manual_seed(num_clusters)
+    points = F.normalize(torch.randn(500, 16, generator=generator), dim=1)
+    centroids = F.normalize(torch.randn(num_clusters, 16, generator=generator), dim=1)
+    result = spherical_kmeans(points, num_clusters, iterations=0, init_centroids=centroids, chunk_size=37)
+    assert torch.equal(result.assignments, (points @ centroids.t()).argmax(dim=1))
+
+
+def test_tree_argmax_equals_plain_argmax_path():
+    """The CPU tree argmax and the plain torch.argmax used on other devices give the same assignments."""
+    generator = torch.Generator().manual_seed(11)
+    points = F.normalize(torch.randn(300, 16, generator=generator), dim=1)
+    centroids = F.normalize(torch.randn(37, 16, generator=generator), dim=1)
+    tree, plain = torch.empty(300, dtype=torch.long), torch.empty(300, dtype=torch.long)
+    _NearestCentroids(300, 37, 64, like=points)(points, centroids, out=tree)
+    search = _NearestCentroids(300, 37, 64, like=points)
+    search.use_tree = False
+    search(points, centroids, out=plain)
+    assert torch.equal(tree, plain)
+
+
+def test_low_precision_input_degenerate_rows_and_no_nan():
+    generator = torch.Generator().manual_seed(7)
+    points = torch.randn(40, 8, generator=generator)
+    points[5] = 0.0  # a zero embedding
+    points[10:20] = points[9]  # duplicates
+    result = spherical_kmeans(points.bfloat16(), 40, iterations=3, seed=0)  # K = N: clusters of one or none
+    assert result.centroids.dtype == torch.float32 and torch.isfinite(result.centroids).all()
+    assert result.assignments.dtype == torch.long and result.assignments.shape == (40,)
+    norms = result.centroids.norm(dim=1)
+    assert ((norms - 1).abs() < 1e-5).logical_or(norms == 0).all()
+
+
+def test_autocast_does_not_lower_precision():
+    points, _, _ = blobs(4, 20, 8, noise=0.5, seed=8)
+    plain = spherical_kmeans(points, 4, iterations=3, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = spherical_kmeans(points, 4, iterations=3, seed=2)
+    assert torch.equal(plain.centroids, autocast.centroids) and autocast.centroids.dtype == torch.float32
+
+
+def test_rejects_too_few_points_and_bad_arguments():
+    with pytest.raises(ValueError, match="at least num_clusters"):
+        spherical_kmeans(torch.randn(3, 4), 5)
+    with pytest.raises(ValueError):
+        spherical_kmeans(torch.randn(10, 4), 2, init_centroids=torch.randn(3, 4))
+    with pytest.raises(ValueError):
+        spherical_kmeans(torch.randn(10, 4), 2, chunk_size=0)
