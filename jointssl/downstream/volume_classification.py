@@ -1,0 +1,644 @@
+"""Volume classification with f_intra + f_inter: whole-volume labels, or LUNA16-style candidate slabs.
+
+The classifier (:class:`VolumeClassifier`) embeds every slice with the pretrained slice encoder f_intra, aggregates
+the slice embeddings with the slice aggregator f_inter, pools them into the volume feature
+Z = L2norm(mean of the tokens) exactly as in pretraining, and classifies Z with a linear head.
+
+Data (:class:`VolumeClassificationData`) comes in two kinds:
+
+* a whole-volume manifest (``path,label[,modality]``): each volume, resized in-plane, with all its slices (or
+  resampled along the slice axis down to ``max_slices``); ragged batches carry a padding mask.
+* a candidates CSV, the LUNA16 false-positive-reduction protocol (``seriesuid`` or ``path``, ``coordX``,
+  ``coordY``, ``coordZ`` in world millimetres, ``class``): around every candidate a slab of ``num_slices`` slices
+  x ``patch_size`` x ``patch_size`` voxels is cut.
+
+World -> voxel (candidates): a world position (x, y, z) in mm is taken in the frame ``world_frame``: "lps" (DICOM
+and ITK physical space, which LUNA16's .mhd files and its CSVs use) or "ras" (NIfTI / nibabel scanner space);
+LPS is turned into RAS by negating x and y. The NIfTI affine maps file voxel indices to RAS mm, so
+``inverse(affine) @ (x, y, z, 1)`` is the (fractional) file voxel index; it is then carried through the same axis
+permutation and flips that :func:`~jointssl.data.load_volume` applies to the array (reorientation to RAS, then the
+slice layout: axial slices inferior -> superior, rows anterior -> posterior, columns patient right -> left), giving
+the candidate's (slice, row, column) index in the loaded volume. Candidate volumes must therefore be NIfTI files
+(convert LUNA16's .mhd/.raw, e.g. with SimpleITK, keeping the geometry). The slab is sampled on a grid of
+``voxel_spacing`` mm (None: the volume's own voxels) with trilinear interpolation; the candidate falls on output
+voxel (num_slices // 2, patch_size // 2, patch_size // 2), and the parts of the slab outside the volume are 0 in
+[0, 1] intensities (air for CT).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_auroc,
+)
+
+from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.volume_io import NIFTI_SUFFIXES, ModalityChoice, SliceAxis, load_volume
+from jointssl.distributed import all_gather_cat
+from jointssl.downstream.segmentation import (
+    RAS_AXES_FOR_LAYOUT,
+    Mode,
+    OnBadFile,
+    adamw_with_cosine,
+    build_slice_encoders,
+    freeze,
+    normalise_image,
+    self_contained_hparams,
+    split_by_volume,
+)
+
+log = logging.getLogger("jointssl.downstream")
+
+WorldFrame = Literal["lps", "ras"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# LightningModule
+
+
+class VolumeClassifier(LightningModule):
+    """f_intra + f_inter + pooling + a linear head, for volumes or candidate slabs.
+
+    Args:
+        num_classes: 2 for a binary task (AUROC of class 1's probability), more for multi-class (macro AUROC).
+        pretrained: a jointssl pretraining checkpoint or export folder; None = random initialisation from
+            ``backbone``, ``d_model`` and ``aggregator`` (SliceAggregator keyword arguments besides d_model).
+        mode: "finetune" trains everything; "linear" freezes f_intra and f_inter (eval mode) and trains the head.
+        lr, pretrained_lr_scale, weight_decay: AdamW with cosine decay; f_intra/f_inter train at
+            ``lr * pretrained_lr_scale``.
+        class_weights: cross-entropy weight per class (e.g. against LUNA16's ~1:500 imbalance); None = equal.
+        slice_chunk_size, checkpoint_slices: slices per encoder pass and activation checkpointing (memory).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        pretrained: str | None = None,
+        backbone: str = "resnet50",
+        d_model: int = 640,
+        aggregator: dict[str, Any] | None = None,
+        mode: Mode = "finetune",
+        lr: float = 1e-3,
+        pretrained_lr_scale: float = 1.0,
+        weight_decay: float = 1e-4,
+        class_weights: list[float] | None = None,
+        slice_chunk_size: int = 64,
+        checkpoint_slices: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (2 = binary), got {num_classes}")
+        if mode not in ("finetune", "linear"):
+            raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights needs {num_classes} values, got {class_weights}")
+        self.save_hyperparameters()
+        self.encoder, self.aggregator, self.architecture = build_slice_encoders(
+            pretrained, backbone, d_model, aggregator, with_aggregator=True
+        )
+        # Only masked pretraining uses the mask token; DDP must not wait for its gradient.
+        self.aggregator.mask_token.requires_grad_(False)
+        self.head = nn.Linear(self.architecture["d_model"], num_classes)
+        self.frozen_parts: list[nn.Module] = []
+        if mode == "linear":
+            self.frozen_parts = [self.encoder, self.aggregator]
+            for part in self.frozen_parts:
+                freeze(part)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self._val_rows: list[Tensor] = []
+
+    def train(self, mode: bool = True) -> VolumeClassifier:
+        super().train(mode)
+        # Frozen parts stay in eval mode: their BatchNorm statistics must not drift.
+        for part in getattr(self, "frozen_parts", ()):
+            part.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        max_class = getattr(self.trainer.datamodule, "max_class_index", None)
+        if max_class is not None and max_class >= self.hparams.num_classes:
+            raise ValueError(f"the labels hold class {max_class} but num_classes is {self.hparams.num_classes}")
+
+    def volume_features(self, volumes: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Z = L2norm(mean of f_inter's tokens of the real slices): ``[B, N, 1, H, W]`` -> ``[B, d_model]``."""
+        if volumes.ndim != 5 or volumes.shape[2] != 1:
+            raise ValueError(f"expected volumes [batch, slices, 1, height, width], got {tuple(volumes.shape)}")
+        batch, num_slices = volumes.shape[:2]
+        real = (
+            ~padding_mask
+            if padding_mask is not None
+            else torch.ones(batch, num_slices, dtype=torch.bool, device=volumes.device)
+        )
+        # Only real slices are encoded: padding would waste compute and pollute BatchNorm's batch statistics.
+        embeddings = self.encoder.forward_chunked(
+            volumes[real], self.hparams.slice_chunk_size, checkpoint=self.hparams.checkpoint_slices
+        )
+        tokens_in = embeddings.new_zeros(batch, num_slices, embeddings.shape[-1])
+        tokens_in[real] = embeddings
+        tokens = self.aggregator(tokens_in, padding_mask)
+        return self.aggregator.pool(tokens, padding_mask)
+
+    def forward(self, volumes: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, num_classes]`` of normalised volumes ``[B, N, 1, H, W]`` (+ padding mask, True = pad)."""
+        if self.hparams.mode == "linear":
+            with torch.no_grad():  # the frozen encoders need no graph
+                features = self.volume_features(volumes, padding_mask)
+        else:
+            features = self.volume_features(volumes, padding_mask)
+        return self.head(features)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["volume"], batch.get("padding_mask"))
+        loss = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weights)
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        probabilities = self(batch["volume"], batch.get("padding_mask")).float().softmax(dim=1)
+        rows = torch.cat(
+            [batch["index"][:, None].to(probabilities), batch["label"][:, None].to(probabilities), probabilities],
+            dim=1,
+        )
+        self._val_rows.append(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        width = 2 + self.hparams.num_classes
+        local = torch.cat(self._val_rows) if self._val_rows else torch.zeros(0, width, device=self.device)
+        rows = all_gather_cat(local)
+        # Distributed samplers repeat samples to even out the shards: count every sample once.
+        _, first = np.unique(rows[:, 0].cpu().numpy(), return_index=True)
+        rows = rows[torch.as_tensor(first, device=rows.device)]
+        metrics = self.evaluation_metrics(rows[:, 2:], rows[:, 1].long())
+        for name, value in metrics.items():
+            # Every rank holds every result, so the values agree without sync_dist.
+            self.log(f"val/{name}", value, prog_bar=name == "auroc", sync_dist=False)
+        self._val_rows = []
+
+    def evaluation_metrics(self, probabilities: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """``loss`` (mean cross-entropy), ``accuracy`` and ``auroc`` (torchmetrics) of class probabilities
+        ``[M, C]`` against targets ``[M]``. AUROC is left out when the targets hold a single class (undefined)."""
+        metrics: dict[str, Tensor] = {}
+        if targets.numel() == 0:
+            return metrics
+        num_classes = self.hparams.num_classes
+        metrics["loss"] = F.nll_loss(probabilities.clamp_min(1e-12).log(), targets)
+        metrics["accuracy"] = multiclass_accuracy(probabilities, targets, num_classes=num_classes, average="micro")
+        if targets.unique().numel() < 2:
+            log.warning("validation targets hold a single class: AUROC is undefined and not logged")
+            return metrics
+        if num_classes == 2:
+            metrics["auroc"] = binary_auroc(probabilities[:, 1], targets)
+        else:
+            metrics["auroc"] = multiclass_auroc(probabilities, targets, num_classes=num_classes, average="macro")
+        return metrics
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = self_contained_hparams(checkpoint["hyper_parameters"], self.architecture)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_with_cosine(
+            self,
+            [self.encoder, self.aggregator],
+            self.hparams.lr,
+            self.hparams.pretrained_lr_scale,
+            self.hparams.weight_decay,
+            int(self.trainer.estimated_stepping_batches),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry: world position -> slab
+
+
+def world_to_layout_index(
+    world: Sequence[float],
+    affine: np.ndarray,
+    shape: Sequence[int],
+    slice_axis: SliceAxis = "axial",
+    world_frame: WorldFrame = "ras",
+) -> np.ndarray:
+    """Fractional (slice, row, column) index, in the layout of ``load_volume``, of a world position in mm.
+
+    Args:
+        world: (x, y, z) in mm, in ``world_frame`` ("ras": NIfTI scanner space; "lps": DICOM/ITK, e.g. LUNA16).
+        affine: the NIfTI affine (file voxel index -> RAS mm).
+        shape: the file's array shape (first three axes).
+        slice_axis: the slice axis of the loaded volume.
+    """
+    if world_frame not in ("lps", "ras"):
+        raise ValueError(f"world_frame must be 'lps' or 'ras', got {world_frame!r}")
+    ras_mm = np.asarray(world, dtype=np.float64)
+    if world_frame == "lps":
+        ras_mm = ras_mm * np.array([-1.0, -1.0, 1.0])
+    file_index = np.linalg.solve(np.asarray(affine, dtype=np.float64), np.append(ras_mm, 1.0))[:3]
+    # The reorientation of load_volume (MONAI Orientation, which uses this same nibabel rule): file axis a
+    # becomes RAS axis ornt[a, 0], reversed when ornt[a, 1] == -1.
+    orientation = nib.orientations.io_orientation(affine)
+    ras_index, ras_shape = np.zeros(3), np.zeros(3)
+    for file_axis, (ras_axis, direction) in enumerate(orientation):
+        size = shape[file_axis]
+        ras_shape[int(ras_axis)] = size
+        ras_index[int(ras_axis)] = file_index[file_axis] if direction > 0 else size - 1 - file_index[file_axis]
+    slice_ras, row_ras, column_ras = RAS_AXES_FOR_LAYOUT[slice_axis]
+    # The layout reverses rows and columns (anterior / superior on top, patient right on the left).
+    return np.array(
+        [
+            ras_index[slice_ras],
+            ras_shape[row_ras] - 1 - ras_index[row_ras],
+            ras_shape[column_ras] - 1 - ras_index[column_ras],
+        ]
+    )
+
+
+def cut_slab(
+    volume: Tensor,
+    centre: Sequence[float],
+    num_slices: int,
+    patch_size: int,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    voxel_spacing: Sequence[float] | None = None,
+) -> Tensor:
+    """A ``[num_slices, patch_size, patch_size]`` slab of ``volume`` ``[N, H, W]`` around ``centre`` (a fractional
+    (slice, row, column) index), trilinearly sampled on a grid of ``voxel_spacing`` mm (None: the volume's own
+    ``spacing``); the centre falls on output voxel ``(num_slices // 2, patch_size // 2, patch_size // 2)`` and
+    positions outside the volume are 0."""
+    steps = np.ones(3) if voxel_spacing is None else np.asarray(voxel_spacing, float) / np.asarray(spacing, float)
+    axes = []
+    for axis, (size, count) in enumerate(zip(volume.shape, (num_slices, patch_size, patch_size))):
+        positions = float(centre[axis]) + (torch.arange(count, dtype=torch.float64) - count // 2) * steps[axis]
+        # grid_sample with align_corners=True: -1 and 1 are the centres of the first and last voxel.
+        axes.append((2.0 * positions / max(size - 1, 1) - 1.0).to(torch.float32))
+    grid_slice, grid_row, grid_column = torch.meshgrid(*axes, indexing="ij")
+    # grid_sample's last grid dimension is (x, y, z) = (column, row, slice).
+    grid = torch.stack([grid_column, grid_row, grid_slice], dim=-1)[None].to(volume.device)
+    sampled = F.grid_sample(
+        volume[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return sampled[0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class LabelledVolume:
+    """One row of a whole-volume manifest."""
+
+    path: str
+    label: int
+    modality: Literal["ct", "mr"] | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of a candidates CSV: a world position (mm, in the CSV's frame) in a volume, with its class."""
+
+    path: str
+    world: tuple[float, float, float]
+    label: int
+    modality: Literal["ct", "mr"] | None = None
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
+    if not path.is_file():
+        raise BadFileError(path, "CSV does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c}
+        return list(reader), columns
+
+
+def _cell(row: dict[str, str], columns: dict[str, str], name: str) -> str:
+    return (row.get(columns.get(name, ""), "") or "").strip()
+
+
+def _parse_label(value: str, path: Path, line: int) -> int:
+    try:
+        label = int(float(value))
+    except ValueError:
+        raise BadFileError(path, f"line {line}: label {value!r} is not an integer class") from None
+    if label < 0 or label != float(value):
+        raise BadFileError(path, f"line {line}: label {value!r} is not a class index >= 0")
+    return label
+
+
+def _parse_modality(value: str, path: Path, line: int) -> Literal["ct", "mr"] | None:
+    lowered = value.lower()
+    if lowered in ("", "auto"):
+        return None
+    if lowered in ("ct", "mr"):
+        return lowered  # type: ignore[return-value]
+    raise BadFileError(path, f"line {line}: modality must be CT, MR or empty, got {value!r}")
+
+
+def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
+    """A whole-volume manifest: ``path`` (or ``image``) and ``label`` columns, optional ``modality``; relative paths
+    are relative to the manifest."""
+    manifest = Path(manifest)
+    rows, columns = _read_rows(manifest)
+    path_column = "path" if "path" in columns else "image"
+    if path_column not in columns or "label" not in columns:
+        raise BadFileError(manifest, f"needs 'path' and 'label' columns; has {list(columns.values())}")
+    items = []
+    for line, row in enumerate(rows, start=2):
+        value = _cell(row, columns, path_column)
+        if not value:
+            raise BadFileError(manifest, f"line {line}: empty path")
+        path = Path(value) if Path(value).is_absolute() else manifest.parent / value
+        label = _parse_label(_cell(row, columns, "label"), manifest, line)
+        items.append(LabelledVolume(str(path), label, _parse_modality(_cell(row, columns, "modality"), manifest, line)))
+    return items
+
+
+def read_candidates(candidates: str | os.PathLike, volume_dir: str | os.PathLike | None = None) -> list[Candidate]:
+    """A LUNA16-style candidates CSV: ``coordX``, ``coordY``, ``coordZ`` (mm), ``class`` (or ``label``), and the
+    volume as ``path`` (relative to the CSV) or ``seriesuid`` (``<volume_dir>/<seriesuid>.nii.gz`` or ``.nii``;
+    volume_dir defaults to the CSV's folder); optional ``modality``."""
+    candidates = Path(candidates)
+    rows, columns = _read_rows(candidates)
+    label_column = "class" if "class" in columns else "label"
+    needed = ["coordx", "coordy", "coordz", label_column]
+    missing = [c for c in needed if c not in columns]
+    if missing or not ({"path", "seriesuid"} & set(columns)):
+        raise BadFileError(
+            candidates,
+            f"needs coordX, coordY, coordZ, class (or label) and seriesuid (or path) columns; has "
+            f"{list(columns.values())}",
+        )
+    folder = Path(volume_dir) if volume_dir is not None else candidates.parent
+    resolved: dict[str, str] = {}
+    items = []
+    for line, row in enumerate(rows, start=2):
+        if "path" in columns and _cell(row, columns, "path"):
+            value = _cell(row, columns, "path")
+            path = str(Path(value) if Path(value).is_absolute() else candidates.parent / value)
+        else:
+            uid = _cell(row, columns, "seriesuid")
+            if not uid:
+                raise BadFileError(candidates, f"line {line}: neither path nor seriesuid")
+            if uid not in resolved:
+                matches = [folder / f"{uid}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{uid}{suffix}").is_file()]
+                if not matches:
+                    raise BadFileError(candidates, f"line {line}: no volume {folder / uid}.nii.gz (or .nii)")
+                resolved[uid] = str(matches[0])
+            path = resolved[uid]
+        try:
+            world = tuple(float(_cell(row, columns, c)) for c in ("coordx", "coordy", "coordz"))
+        except ValueError:
+            raise BadFileError(candidates, f"line {line}: coordinates must be numbers (mm)") from None
+        if not all(np.isfinite(world)):
+            raise BadFileError(candidates, f"line {line}: non-finite coordinates {world}")
+        label = _parse_label(_cell(row, columns, label_column), candidates, line)
+        modality = _parse_modality(_cell(row, columns, "modality"), candidates, line)
+        items.append(Candidate(path, world, label, modality))  # type: ignore[arg-type]
+    return items
+
+
+def resample_slices(volume: Tensor, max_slices: int | None) -> Tensor:
+    """``[N, H, W]`` with at most ``max_slices`` slices, linearly resampled along the slice axis when longer (the
+    whole extent is kept)."""
+    if max_slices is None or volume.shape[0] <= max_slices:
+        return volume
+    resized = F.interpolate(
+        volume[None, None], size=(max_slices, *volume.shape[1:]), mode="trilinear", align_corners=True
+    )
+    return resized[0, 0]
+
+
+class ClassificationSamples(Dataset):
+    """Samples ``[N, S, S]`` in [0, 1] (slabs or whole volumes) and labels.
+
+    Items: ``volume`` ``[N, 1, S, S]`` (normalised), ``label`` (int), ``index`` (position, to count each sample
+    once in distributed evaluation). With ``augment``: random flips of rows and columns.
+    """
+
+    def __init__(self, samples: Sequence[Tensor], labels: Sequence[int], augment: bool = False) -> None:
+        if len(samples) != len(labels):
+            raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
+        self.samples = list(samples)
+        self.labels = list(labels)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        volume = self.samples[index]
+        if self.augment:
+            for axis in (1, 2):
+                if torch.rand(()) < 0.5:
+                    volume = volume.flip(axis)
+        return {"volume": normalise_image(volume)[:, None].contiguous(), "label": self.labels[index], "index": index}
+
+
+def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """Stack samples, zero-padding the slice axis to the longest; ``padding_mask`` [B, N] is True where padded."""
+    longest = max(item["volume"].shape[0] for item in items)
+    volumes, masks = [], []
+    for item in items:
+        volume = item["volume"]
+        pad = longest - volume.shape[0]
+        volumes.append(F.pad(volume, (0, 0, 0, 0, 0, 0, 0, pad)))
+        masks.append(torch.arange(longest) >= volume.shape[0])
+    return {
+        "volume": torch.stack(volumes),
+        "padding_mask": torch.stack(masks),
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
+
+
+class VolumeClassificationData(LightningDataModule):
+    """Whole-volume labels (``manifest``) or LUNA16-style candidates (``candidates``) for :class:`VolumeClassifier`.
+
+    Validation comes from ``val_manifest`` (a second CSV of the same kind) or a fixed random split by volume
+    (``val_fraction``, ``split_seed``; all candidates of one volume stay on one side). Every volume is loaded in
+    ``setup`` (bad files reported together, or skipped with ``on_bad_file="skip"``); slabs and resized volumes are
+    kept in memory (a candidate slab takes ``num_slices * patch_size**2 * 4`` bytes: subsample LUNA16's negatives).
+
+    Args:
+        world_frame: frame of the candidates' coordinates, "lps" (LUNA16, DICOM/ITK) or "ras" (NIfTI).
+        num_slices, patch_size, voxel_spacing: candidate slab size in voxels and its voxel size in mm
+            (slice, row, column); None = the volume's own voxels.
+        in_plane_size, max_slices: whole volumes are resized in-plane to this size and resampled along the slice
+            axis to at most ``max_slices`` slices (None: keep all).
+        modality, slice_axis: as for :func:`~jointssl.data.load_volume` (a CSV's modality column wins).
+        augment: random in-plane flips of training samples.
+    """
+
+    def __init__(
+        self,
+        manifest: str | None = None,
+        candidates: str | None = None,
+        volume_dir: str | None = None,
+        val_manifest: str | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        world_frame: WorldFrame = "lps",
+        num_slices: int = 16,
+        patch_size: int = 32,
+        voxel_spacing: tuple[float, float, float] | None = None,
+        in_plane_size: int = 128,
+        max_slices: int | None = 64,
+        modality: ModalityChoice = "auto",
+        slice_axis: SliceAxis = "axial",
+        augment: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        on_bad_file: OnBadFile = "error",
+    ) -> None:
+        super().__init__()
+        if (manifest is None) == (candidates is None):
+            raise ValueError("give either manifest (whole-volume labels) or candidates (LUNA16-style CSV)")
+        if world_frame not in ("lps", "ras"):
+            raise ValueError(f"world_frame must be 'lps' or 'ras', got {world_frame!r}")
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+        if voxel_spacing is not None and (len(voxel_spacing) != 3 or min(voxel_spacing) <= 0):
+            raise ValueError(f"voxel_spacing must be 3 positive numbers (slice, row, column) in mm, got {voxel_spacing}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: ClassificationSamples | None = None
+        self.val_set: ClassificationSamples | None = None
+        self.max_class_index: int | None = None
+
+    # -- reading the CSVs ---------------------------------------------------------------------------------
+
+    def _read(self, path: str) -> list[LabelledVolume] | list[Candidate]:
+        if self.hparams.candidates is not None:
+            return read_candidates(path, self.hparams.volume_dir)
+        return read_volume_labels(path)
+
+    def _split(self) -> tuple[list[Any], list[Any]]:
+        items = self._read(self.hparams.candidates or self.hparams.manifest)
+        if not items:
+            raise BadFileError(self.hparams.candidates or self.hparams.manifest, "no rows")
+        if self.hparams.val_manifest is not None:
+            return items, self._read(self.hparams.val_manifest)
+        volumes = sorted({item.path for item in items})
+        train_volumes, _ = split_by_volume(volumes, self.hparams.val_fraction, self.hparams.split_seed)
+        train_set = set(train_volumes)
+        return [i for i in items if i.path in train_set], [i for i in items if i.path not in train_set]
+
+    # -- loading ----------------------------------------------------------------------------------------
+
+    def _load_volume(self, path: str, modality: str | None, in_plane_size: int | None):
+        return load_volume(
+            path,
+            modality=modality or self.hparams.modality,
+            slice_axis=self.hparams.slice_axis,
+            in_plane_size=in_plane_size,
+        )
+
+    def _build(self, items: Sequence[Any], augment: bool) -> ClassificationSamples:
+        samples: list[Tensor] = []
+        labels: list[int] = []
+        bad: list[BadFileError] = []
+        if self.hparams.candidates is not None:
+            by_volume: dict[str, list[Candidate]] = {}
+            for candidate in items:
+                by_volume.setdefault(candidate.path, []).append(candidate)
+            for path, group in by_volume.items():
+                try:
+                    slabs = self._candidate_slabs(path, group)
+                except BadFileError as error:
+                    bad.append(error)
+                    continue
+                samples.extend(slabs)
+                labels.extend(c.label for c in group)
+        else:
+            for item in items:
+                try:
+                    volume = self._load_volume(item.path, item.modality, self.hparams.in_plane_size)
+                except BadFileError as error:
+                    bad.append(error)
+                    continue
+                samples.append(resample_slices(torch.from_numpy(volume.array), self.hparams.max_slices))
+                labels.append(item.label)
+        if bad and self.hparams.on_bad_file == "error":
+            raise DataValidationError(bad)
+        for error in bad:
+            log.warning("skipping bad volume %s: %s", error.path, error.reason)
+        return ClassificationSamples(samples, labels, augment=augment)
+
+    def _candidate_slabs(self, path: str, group: Sequence[Candidate]) -> list[Tensor]:
+        """Load one NIfTI volume and cut the slab of each of its candidates."""
+        if not path.lower().endswith(NIFTI_SUFFIXES):
+            raise BadFileError(path, "candidate volumes must be NIfTI (the affine places world coordinates)")
+        volume = self._load_volume(path, group[0].modality, None)
+        header = nib.load(path)
+        array = torch.from_numpy(volume.array)
+        slabs = []
+        for candidate in group:
+            centre = world_to_layout_index(
+                candidate.world, header.affine, header.shape[:3], self.hparams.slice_axis, self.hparams.world_frame
+            )
+            if np.any(centre < -0.5) or np.any(centre > np.array(array.shape) - 0.5):
+                raise BadFileError(
+                    path,
+                    f"candidate at {candidate.world} mm ({self.hparams.world_frame.upper()}) lies outside the "
+                    f"volume (voxel {np.round(centre, 1).tolist()} of {tuple(array.shape)}); wrong world_frame?",
+                )
+            slabs.append(
+                cut_slab(
+                    array, centre, self.hparams.num_slices, self.hparams.patch_size,
+                    volume.spacing, self.hparams.voxel_spacing,
+                )
+            )
+        return slabs
+
+    def setup(self, stage: str) -> None:
+        # Built once: fit followed by validate reuses the samples.
+        if self.val_set is not None and (stage != "fit" or self.train_set is not None):
+            return
+        train_items, val_items = self._split()
+        if stage == "fit" and self.train_set is None:
+            self.train_set = self._build(train_items, augment=self.hparams.augment)
+            if len(self.train_set) == 0:
+                raise ValueError("no usable training sample")
+        if self.val_set is None:
+            self.val_set = self._build(val_items, augment=False)
+        labels = (self.train_set.labels if self.train_set else []) + self.val_set.labels
+        self.max_class_index = max(labels) if labels else None
+        log.info(
+            "volume classification data: %d training and %d validation samples",
+            len(self.train_set) if self.train_set else 0, len(self.val_set),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_padded,
+            drop_last=len(self.train_set) > self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_padded
+        )
