@@ -1,7 +1,8 @@
 """Shared fixtures of the downstream tests: a tiny JointSSL pretraining checkpoint, built once per session.
 
 Use it with ``from tests.downstream_fixtures import pretrained_checkpoint  # noqa: F401`` and a test argument
-``pretrained_checkpoint: Path``.
+``pretrained_checkpoint: Path``. ``single_thread`` (import it the same way; autouse) runs a module's tests with one
+torch thread.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from jointssl.data import JointDataModule, SyntheticData
 from jointssl.pretrain import JointSSL
 
 #: Architecture of the tiny pretraining model (f_intra: timm `test_resnet`, f_inter: one layer).
-TINY_PRETRAIN = dict(
-    backbone="test_resnet",
-    d_model=32,
-    projection_hidden_dim=32,
-    projection_dim=16,
-    num_prototypes=[8],
-    num_prototypes_3d=[4],
-    aggregator_layers=1,
-    aggregator_heads=4,
-    aggregator_ffn_dim=32,
-)
+TINY_PRETRAIN = {
+    "backbone": "test_resnet",
+    "d_model": 32,
+    "projection_hidden_dim": 32,
+    "projection_dim": 16,
+    "num_prototypes": [8],
+    "num_prototypes_3d": [4],
+    "aggregator_layers": 1,
+    "aggregator_heads": 4,
+    "aggregator_ffn_dim": 32,
+}
 
 
 def make_pretrained_checkpoint(folder: Path) -> Path:
@@ -69,5 +70,20 @@ def make_pretrained_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny JointSSL checkpoint (``encoder.*``, ``aggregator.*``, hyper-parameters, format version)."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see single_thread
+    try:
+        return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One torch thread for the test, restored afterwards. Tiny models gain nothing from a second thread, and on 2
+    cores shared with other jobs a 2-thread OpenMP team waits at every barrier for a descheduled thread (measured:
+    a test_resnet step at 32 px took 2 s with 2 threads, 9 ms with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
