@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that the short class names in configs resolve and `--help` lists them.
-import jointssl.data  # noqa: F401
+import jointssl.data
 import jointssl.pretrain  # noqa: F401
 
 log = logging.getLogger("jointssl")

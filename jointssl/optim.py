@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 
 class LARS(torch.optim.Optimizer):
@@ -173,3 +176,21 @@ class WarmupCosine:
 def warmup_cosine_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> WarmupCosine:
     """The ``lr_lambda`` for ``LambdaLR(optimizer, warmup_cosine_lambda(...))``; see :class:`WarmupCosine`."""
     return WarmupCosine(warmup_steps, total_steps, min_lr_ratio)
+
+
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, trainer: Trainer, warmup_epochs: float, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio`` at the trainer's last
+    optimizer step (``max_steps``, or ``max_epochs`` x batches per epoch)."""
+    total_steps = max(1, int(trainer.estimated_stepping_batches))
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        # With max_epochs=-1 Lightning answers estimated_stepping_batches with max_steps without loading the
+        # training data, so the batches per epoch are still unknown (inf): load the data now, as
+        # estimated_stepping_batches itself does when max_epochs is set.
+        trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+    steps_per_epoch = max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
+    warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio))

@@ -22,7 +22,7 @@ from jointssl import distributed
 from jointssl.losses import masked_embedding_loss, random_slice_mask
 from jointssl.losses.clustering import ClusteringTask
 from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
-from jointssl.optim import LARS, warmup_cosine_lambda
+from jointssl.optim import LARS, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl")
 
@@ -216,15 +216,10 @@ class JointSSL(LightningModule):
         return self
 
     def configure_optimizers(self) -> dict[str, Any]:
-        trainer = self.trainer
-        total_steps = max(1, int(trainer.estimated_stepping_batches))
-        steps_per_epoch = max(1, trainer.num_training_batches // max(1, trainer.accumulate_grad_batches))
-        warmup_steps = min(int(self.hparams.warmup_epochs * steps_per_epoch), total_steps - 1)
         lr = self.hparams.base_lr * self.global_batch_size() / self.hparams.lr_reference_batch_size
         log.info(
-            "learning rate %.4g = base_lr %.4g x global batch %d / %d; %d warm-up of %d steps",
+            "learning rate %.4g = base_lr %.4g x global batch %d / %d",
             lr, self.hparams.base_lr, self.global_batch_size(), self.hparams.lr_reference_batch_size,
-            warmup_steps, total_steps,
         )
         optimizer = LARS(
             [p for p in self.parameters() if p.requires_grad],
@@ -233,8 +228,8 @@ class JointSSL(LightningModule):
             weight_decay=self.hparams.weight_decay,
             trust_coefficient=self.hparams.lars_trust_coefficient,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine_lambda(warmup_steps, total_steps, self.hparams.min_lr_ratio)
+        scheduler = warmup_cosine_scheduler(
+            optimizer, self.trainer, self.hparams.warmup_epochs, self.hparams.min_lr_ratio
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

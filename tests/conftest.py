@@ -12,8 +12,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The reference data lives beside the checkout (../shared/data); users' machines do not have it.
 SHARED_DATA = Path(os.environ.get("JOINTSSL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-# Two cores: more intra-op threads than that only adds contention between test processes.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tiny test models gain nothing from a second one, and on 2 cores shared with DataLoader
+# workers and DDP ranks a 2-thread OpenMP team waits at every barrier for a descheduled thread (measured: a
+# test_resnet step at 32 px took 2 s with 2 threads, 9 ms with 1, on a busy machine).
+torch.set_num_threads(1)
+
+# The tiny pretraining checkpoint of the downstream tests, built once per session.
+pytest_plugins = ["tests.downstream_fixtures"]
 
 
 def shared_path(*parts: str) -> Path:

@@ -1,8 +1,6 @@
 """Shared fixtures of the downstream tests: a tiny JointSSL pretraining checkpoint, built once per session.
 
-Use it with ``from tests.downstream_fixtures import pretrained_checkpoint  # noqa: F401`` and a test argument
-``pretrained_checkpoint: Path``. ``single_thread`` (import it the same way; autouse) runs a module's tests with one
-torch thread.
+Registered in tests/conftest.py (`pytest_plugins`): a test takes ``pretrained_checkpoint: Path`` as an argument.
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from jointssl.data import JointDataModule, SyntheticData
@@ -70,20 +67,5 @@ def make_pretrained_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny JointSSL checkpoint (``encoder.*``, ``aggregator.*``, hyper-parameters, format version)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see single_thread
-    try:
-        return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained"))
-    finally:
-        torch.set_num_threads(threads)
+    return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained"))
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One torch thread for the test, restored afterwards. Tiny models gain nothing from a second thread, and on 2
-    cores shared with other jobs a 2-thread OpenMP team waits at every barrier for a descheduled thread (measured:
-    a test_resnet step at 32 px took 2 s with 2 threads, 9 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -21,7 +21,6 @@ from jointssl.data import DataValidationError
 from jointssl.downstream import ImageClassificationData, ImageClassifier
 from jointssl.downstream.classification import classification_metrics, group_of, stratified_group_split
 from tests.conftest import REPO_ROOT, shared_path
-from tests.downstream_fixtures import pretrained_checkpoint, single_thread  # noqa: F401
 
 KERMANY_PATIENT = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
 TINY = {"backbone": "test_resnet", "d_model": 16}
@@ -57,7 +56,7 @@ def fit(model: LightningModule, data: LightningDataModule, tmp_path: Path, **kwa
 
 # ----------------------------------------------------------------------------------------------------------- training
 @pytest.mark.shared_data
-def test_binary_finetune_on_chest_xrays(pretrained_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_binary_finetune_on_chest_xrays(pretrained_checkpoint: Path, tmp_path: Path) -> None:
     root = shared_path("cxr", "train")
     seed_everything(0)
     data = ImageClassificationData(train=str(root), task="binary", image_size=32, batch_size=16, num_workers=0,
@@ -129,7 +128,7 @@ def test_multilabel_trains_from_a_manifest(tmp_path: Path) -> None:
         assert torch.isfinite(trainer.callback_metrics[name]), name
 
 
-def test_linear_probe_leaves_the_encoder_unchanged(pretrained_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_linear_probe_leaves_the_encoder_unchanged(pretrained_checkpoint: Path, tmp_path: Path) -> None:
     root = make_class_folders(tmp_path / "images", {"neg": 12, "pos": 12})
     data = ImageClassificationData(train=str(root), image_size=32, batch_size=8, num_workers=0, val_fraction=0.25)
     model = ImageClassifier(num_classes=2, pretrained=str(pretrained_checkpoint), mode="linear", warmup_epochs=0)
@@ -144,7 +143,7 @@ def test_linear_probe_leaves_the_encoder_unchanged(pretrained_checkpoint: Path, 
 
 
 def test_separate_val_and_test_sources_and_checkpoint_reload(
-    pretrained_checkpoint: Path, tmp_path: Path  # noqa: F811
+    pretrained_checkpoint: Path, tmp_path: Path
 ) -> None:
     train = make_class_folders(tmp_path / "train", {"neg": 8, "pos": 8}, seed=0)
     val = make_class_folders(tmp_path / "val", {"neg": 4, "pos": 4}, seed=1)

@@ -29,7 +29,6 @@ from jointssl.downstream.detection_data import (
 )
 from jointssl.downstream.detection_metrics import detection_metrics, froc_from_matches, match_detections
 from jointssl.downstream.inflate import InflationError, inflate_to_3d, reorient_kernel
-from tests.downstream_fixtures import pretrained_checkpoint  # noqa: F401
 
 SHAPE, SPACING = (48, 48, 32), (1.5, 1.5, 2.0)
 TINY_DETECTOR = {
@@ -226,7 +225,7 @@ def test_unsupported_modules_are_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize("inflation", ["mean", "center"])
-def test_pretrained_backbone_is_the_inflated_checkpoint(pretrained_checkpoint: Path, inflation: str) -> None:  # noqa: F811
+def test_pretrained_backbone_is_the_inflated_checkpoint(pretrained_checkpoint: Path, inflation: str) -> None:
     model = NoduleDetector(pretrained=str(pretrained_checkpoint), inflation=inflation,
                            **{**TINY_DETECTOR, "backbone": "resnet18"})  # the checkpoint's architecture wins
     assert model.hparams.backbone == "test_resnet" and model.hparams.pretrained is None
@@ -294,7 +293,7 @@ def test_duplicated_validation_scans_count_once() -> None:
 
 
 def test_linear_mode_trains_heads_on_the_frozen_pretrained_backbone(
-    tmp_path: Path, synthetic_ct: SyntheticNoduleCT, pretrained_checkpoint: Path  # noqa: F811
+    tmp_path: Path, synthetic_ct: SyntheticNoduleCT, pretrained_checkpoint: Path
 ) -> None:
     seed_everything(0)
     model = NoduleDetector(pretrained=str(pretrained_checkpoint), mode="linear", **{**TINY_DETECTOR,

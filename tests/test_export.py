@@ -25,7 +25,6 @@ from jointssl.downstream import export as export_module
 from jointssl.downstream.export import BACKBONE_WEIGHTS, timm_backbone_kwargs, timm_key_map
 from jointssl.downstream.pretrained import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_VERSION, EXPORT_WEIGHTS
 from jointssl.models import SliceEncoder
-from tests.downstream_fixtures import pretrained_checkpoint, single_thread  # noqa: F401
 
 
 def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
@@ -40,13 +39,13 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.fixture(scope="module")
-def exported(pretrained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def exported(pretrained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("export") / "encoders"
     export_pretrained(pretrained_checkpoint, folder)
     return folder
 
 
-def test_export_round_trip_keeps_every_tensor(pretrained_checkpoint: Path, exported: Path) -> None:  # noqa: F811
+def test_export_round_trip_keeps_every_tensor(pretrained_checkpoint: Path, exported: Path) -> None:
     state = checkpoint_state(pretrained_checkpoint)
     expected = {k: v for k, v in state.items() if k.startswith(("encoder.", "aggregator."))}
     assert_same_tensors(load_file(str(exported / EXPORT_WEIGHTS)), expected)
@@ -65,7 +64,7 @@ def test_export_round_trip_keeps_every_tensor(pretrained_checkpoint: Path, expor
 
 @pytest.mark.parametrize("source", ["folder", "checkpoint"])
 def test_classifier_encoder_equals_pretrained_encoder(
-    source: str, pretrained_checkpoint: Path, exported: Path  # noqa: F811
+    source: str, pretrained_checkpoint: Path, exported: Path
 ) -> None:
     path = exported if source == "folder" else pretrained_checkpoint
     # backbone / d_model are ignored: the architecture comes from the pretrained file.
@@ -97,7 +96,7 @@ save_file({**{"state." + k: v.contiguous() for k, v in model.state_dict().items(
 """
 
 
-def test_backbone_loads_in_timm_without_jointssl(pretrained_checkpoint: Path, exported: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_backbone_loads_in_timm_without_jointssl(pretrained_checkpoint: Path, exported: Path, tmp_path: Path) -> None:
     images = torch.randn(3, 1, 48, 48, generator=torch.Generator().manual_seed(0))
     torch.save(images, tmp_path / "images.pt")
     script = tmp_path / "timm_only.py"
@@ -149,7 +148,7 @@ class WritesMarkerWhenUnpickled:
 
 
 def test_pickled_object_in_checkpoint_is_refused_without_running_it(
-    pretrained_checkpoint: Path, tmp_path: Path  # noqa: F811
+    pretrained_checkpoint: Path, tmp_path: Path
 ) -> None:
     checkpoint = torch.load(pretrained_checkpoint, map_location="cpu", weights_only=True)
     # The payload works: a full unpickle of such a file does create its marker.
@@ -173,7 +172,7 @@ def test_pickled_object_in_checkpoint_is_refused_without_running_it(
     assert not (tmp_path / "out" / EXPORT_WEIGHTS).exists()
 
 
-def test_wrong_kinds_of_checkpoint_are_refused(pretrained_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_wrong_kinds_of_checkpoint_are_refused(pretrained_checkpoint: Path, tmp_path: Path) -> None:
     state_dict = tmp_path / "plain_state_dict.pt"
     torch.save(checkpoint_state(pretrained_checkpoint), state_dict)
     with pytest.raises(PretrainedLoadError, match="not a jointssl pretraining checkpoint"):
@@ -202,7 +201,7 @@ def test_wrong_kinds_of_checkpoint_are_refused(pretrained_checkpoint: Path, tmp_
 
 
 def test_export_is_atomic_and_does_not_overwrite_by_default(
-    pretrained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    pretrained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "export"
     export_pretrained(pretrained_checkpoint, folder)
@@ -229,7 +228,7 @@ def test_export_is_atomic_and_does_not_overwrite_by_default(
     assert list(fresh.iterdir()) == []
 
 
-def test_cli_export_writes_the_folder(pretrained_checkpoint: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_cli_export_writes_the_folder(pretrained_checkpoint: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "cli_export"
     cli_main(["export", "--checkpoint", str(pretrained_checkpoint), "--output", str(folder)])
     assert "exported" in capsys.readouterr().out

@@ -192,9 +192,12 @@ def test_demo_runs_under_two_process_ddp(tmp_path: Path) -> None:
 def test_staged_recipe_hands_weights_from_stage_to_stage(tmp_path: Path) -> None:
     """Stage 1 (L_intra) -> stage 2 (frozen f_intra, L_mask): stage 2 starts from stage 1's encoder and leaves it
     untouched; queues and memory banks are not carried over."""
-    data = lambda: tiny_data(tmp_path, synthetic=SyntheticData(root=str(tmp_path / "d"), num_images=32,  # noqa: E731
-                                                               image_size=40, num_volumes=8, volume_shape=(40, 40, 10)),
-                             num_slices=6, volume_size=32, volume_batch_size=2, volume_in_plane_size=40)
+    def data() -> JointDataModule:
+        synthetic = SyntheticData(root=str(tmp_path / "d"), num_images=32, image_size=40, num_volumes=8,
+                                  volume_shape=(40, 40, 10))
+        return tiny_data(tmp_path, synthetic=synthetic, num_slices=6, volume_size=32, volume_batch_size=2,
+                         volume_in_plane_size=40)
+
     stage1 = JointSSL(**TINY_MODEL, num_prototypes=[8], num_prototypes_3d=[4], aggregator_layers=1,
                       aggregator_heads=4, aggregator_ffn_dim=32, inter_weight=0, mask_weight=0, warmup_epochs=0)
     trainer = fit(stage1, data(), tmp_path, max_steps=2)

@@ -27,7 +27,6 @@ from jointssl.downstream.segmentation import (
 )
 from jointssl.models import SliceAggregator, SliceEncoder
 from tests.conftest import shared_path
-from tests.downstream_fixtures import pretrained_checkpoint  # noqa: F401
 
 TINY = {"backbone": "test_resnet", "d_model": 32, "decoder_channels": [32, 16, 16, 8, 8]}
 TINY_AGGREGATOR = {"num_layers": 1, "num_heads": 4, "ffn_dim": 32}
@@ -260,7 +259,7 @@ def test_brain_tumour_trains_and_is_evaluated_on_whole_volumes(brain_data: Segme
 
 
 def test_ct_organs_2p5d_from_pretrained(
-    ct_data: SegmentationData, pretrained_checkpoint: Path, tmp_path: Path  # noqa: F811
+    ct_data: SegmentationData, pretrained_checkpoint: Path, tmp_path: Path
 ) -> None:
     seed_everything(0)
     model = SliceSegmenter(
@@ -280,7 +279,7 @@ def test_ct_organs_2p5d_from_pretrained(
         assert torch.equal(value, reloaded.state_dict()[key]), key
 
 
-def test_pretrained_weights_are_loaded_tensor_by_tensor(pretrained_checkpoint: Path) -> None:  # noqa: F811
+def test_pretrained_weights_are_loaded_tensor_by_tensor(pretrained_checkpoint: Path) -> None:
     weights = load_pretrained(pretrained_checkpoint)
     model = SliceSegmenter(num_classes=2, pretrained=str(pretrained_checkpoint), context_2p5d=True, slab_slices=3)
     encoder_state = model.net.encoder.state_dict()
@@ -295,7 +294,7 @@ def test_pretrained_weights_are_loaded_tensor_by_tensor(pretrained_checkpoint: P
 
 
 def test_linear_mode_leaves_the_pretrained_parts_untouched(
-    ct_data: SegmentationData, pretrained_checkpoint: Path, tmp_path: Path  # noqa: F811
+    ct_data: SegmentationData, pretrained_checkpoint: Path, tmp_path: Path
 ) -> None:
     model = SliceSegmenter(
         num_classes=4, pretrained=str(pretrained_checkpoint), mode="linear", context_2p5d=True, slab_slices=3,

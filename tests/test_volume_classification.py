@@ -24,7 +24,6 @@ from jointssl.downstream.volume_classification import (
     world_to_layout_index,
 )
 from tests.conftest import shared_path
-from tests.downstream_fixtures import pretrained_checkpoint  # noqa: F401
 
 TINY = {
     "backbone": "test_resnet",
@@ -219,7 +218,7 @@ def test_auroc_equals_a_hand_computation() -> None:
 
 
 def test_pretrained_encoders_are_loaded_and_linear_mode_trains_only_the_head(
-    candidate_data: VolumeClassificationData, pretrained_checkpoint: Path, tmp_path: Path  # noqa: F811
+    candidate_data: VolumeClassificationData, pretrained_checkpoint: Path, tmp_path: Path
 ) -> None:
     weights = load_pretrained(pretrained_checkpoint)
     model = VolumeClassifier(num_classes=2, pretrained=str(pretrained_checkpoint), mode="linear")

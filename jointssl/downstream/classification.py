@@ -16,7 +16,6 @@ probability > 0.5 for binary and per label for multilabel), F1 of the positive c
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import re
@@ -27,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MetricCollection
@@ -49,7 +48,7 @@ from jointssl.data.sources import OnBadFile, validate_images
 from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.pretrained import load_pretrained
 from jointssl.models import SliceEncoder
-from jointssl.optim import split_decay_groups, warmup_cosine_lambda
+from jointssl.optim import split_decay_groups, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -298,24 +297,6 @@ class ImageClassifier(LightningModule):
         log.info("%s: %s lr %.4g, weight decay %.3g, %d warm-up of %d steps", mode, type(optimizer).__name__, lr,
                  decay, scheduler.lr_lambdas[0].warmup_steps, scheduler.lr_lambdas[0].total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer, trainer: Trainer, warmup_epochs: float, min_lr_ratio: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up over ``warmup_epochs`` then cosine decay to ``min_lr_ratio`` at the trainer's last
-    optimizer step (``max_steps``, or ``max_epochs`` x batches per epoch)."""
-    total_steps = max(1, int(trainer.estimated_stepping_batches))
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        # With max_epochs=-1 Lightning answers estimated_stepping_batches with max_steps without loading the
-        # training data, so the batches per epoch are still unknown (inf): load the data now, as
-        # estimated_stepping_batches itself does when max_epochs is set.
-        trainer.fit_loop.setup_data()
-        batches = trainer.num_training_batches
-    steps_per_epoch = max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
-    warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps - 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio))
 
 
 # ======================================================================================================================

@@ -90,7 +90,7 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
         return _load_export(path if path.is_dir() else path.parent)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
+    except Exception as error:
         raise PretrainedLoadError(
             f"{path}: refused to load: not a tensors-only checkpoint ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:300]})"
