@@ -101,17 +101,17 @@ def test_assignment_is_the_argmax_for_any_number_of_clusters(num_clusters):
     assert torch.equal(result.assignments, (points @ centroids.t()).argmax(dim=1))
 
 
-def test_tree_argmax_equals_plain_argmax_path():
-    """The CPU tree argmax and the plain torch.argmax used on other devices give the same assignments."""
+def test_grouped_argmax_equals_plain_argmax_path():
+    """The CPU grouped argmax and the plain torch.argmax used on other devices give the same assignments."""
     generator = torch.Generator().manual_seed(11)
     points = F.normalize(torch.randn(300, 16, generator=generator), dim=1)
     centroids = F.normalize(torch.randn(37, 16, generator=generator), dim=1)
-    tree, plain = torch.empty(300, dtype=torch.long), torch.empty(300, dtype=torch.long)
-    _NearestCentroids(300, 37, 64, like=points)(points, centroids, out=tree)
+    grouped, plain = torch.empty(300, dtype=torch.long), torch.empty(300, dtype=torch.long)
+    _NearestCentroids(300, 37, 64, like=points)(points, centroids, out=grouped)
     search = _NearestCentroids(300, 37, 64, like=points)
-    search.use_tree = False
+    search.use_groups = False
     search(points, centroids, out=plain)
-    assert torch.equal(tree, plain)
+    assert torch.equal(grouped, plain)
 
 
 def test_low_precision_input_degenerate_rows_and_no_nan():

@@ -23,7 +23,6 @@ from jointssl.downstream.segmentation import (
     load_pair,
     pair_folders,
     read_pairs_manifest,
-    slice_embeddings,
 )
 from jointssl.models import SliceAggregator, SliceEncoder
 from tests.conftest import shared_path
@@ -116,7 +115,7 @@ def test_2p5d_context_reaches_each_slice_from_its_neighbours() -> None:
 def test_slice_embeddings_from_feature_maps_equal_the_encoder() -> None:
     encoder = SliceEncoder("test_resnet", d_model=32).eval()
     images = torch.randn(3, 1, 32, 32)
-    torch.testing.assert_close(slice_embeddings(encoder, encoder.backbone(images)), encoder(images))
+    torch.testing.assert_close(encoder.embed_features(encoder.backbone(images)), encoder(images))
 
 
 # ----------------------------------------------------------------------------------------------------

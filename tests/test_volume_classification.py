@@ -256,9 +256,11 @@ def test_ragged_whole_volumes_match_one_by_one(tmp_path: Path) -> None:
     expected = load_volume(tmp_path / "0.nii.gz", in_plane_size=16).array
     torch.testing.assert_close(data.train_set.samples[0], torch.from_numpy(expected))
     model = VolumeClassifier(num_classes=2, **TINY).eval()
-    batch = collate_padded([data.train_set[0], data.train_set[1]])
+    # Fetched once: training samples are augmented afresh at every access.
+    items = [data.train_set[0], data.train_set[1]]
+    batch = collate_padded(items)
     assert batch["padding_mask"].tolist()[0] == [False] * 7 + [True] * 4
     together = model(batch["volume"], batch["padding_mask"])
     for row in range(2):
-        alone = model(data.train_set[row]["volume"][None])
+        alone = model(items[row]["volume"][None])
         torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-4, atol=1e-5)

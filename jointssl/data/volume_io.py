@@ -69,13 +69,13 @@ NUMPY_SUFFIX = ".npy"
 # reversed, which gives the radiological layout of the module docstring (RAS index 0 is the patient's left /
 # posterior / inferior end, so reversing puts anterior or superior on top and the patient's right on the
 # left).
-_RAS_AXES_FOR_LAYOUT: dict[str, tuple[int, int, int]] = {
+RAS_AXES_FOR_LAYOUT: dict[str, tuple[int, int, int]] = {
     "axial": (2, 1, 0),
     "coronal": (1, 2, 0),
     "sagittal": (0, 2, 1),
 }
 # MONAI's historical axis labels; passing them explicitly keeps Orientation's meaning fixed across versions.
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 # Air is about -1000 HU; no MR scale puts 1% of a volume this far below zero.
 _CT_AIR_THRESHOLD_HU = -500.0
 _DICOM_HEADER_TAGS = [
@@ -177,8 +177,8 @@ def read_volume(
     This is :func:`load_volume` without intensity normalisation; use ``interpolation="nearest"`` for label
     maps so that they land on exactly the grid of their image.
     """
-    if slice_axis not in _RAS_AXES_FOR_LAYOUT:
-        raise ValueError(f"slice_axis must be one of {sorted(_RAS_AXES_FOR_LAYOUT)}, got {slice_axis!r}")
+    if slice_axis not in RAS_AXES_FOR_LAYOUT:
+        raise ValueError(f"slice_axis must be one of {sorted(RAS_AXES_FOR_LAYOUT)}, got {slice_axis!r}")
     path_str = str(path)
     kind = volume_kind(path_str)
     if kind == "npy":
@@ -315,8 +315,8 @@ def _to_slice_layout(
         raise BadFileError(
             path, f"decoded to shape {tuple(image.shape)}; a single-channel 3D volume is expected"
         )
-    image = Orientation(axcodes="RAS", labels=_RAS_LABELS)(image)
-    layout = _RAS_AXES_FOR_LAYOUT[slice_axis]
+    image = Orientation(axcodes="RAS", labels=RAS_LABELS)(image)
+    layout = RAS_AXES_FOR_LAYOUT[slice_axis]
     # Checked before resampling too: a 2-slice volume interpolated to more slices is still a 2-slice volume.
     _check_slice_count_value(image.shape[1 + layout[0]], path, min_slices)
     if target_spacing is not None:
@@ -620,13 +620,15 @@ def _read_manifest(manifest: Path) -> list[VolumeRecord]:
         if not value:
             raise BadFileError(manifest, f"line {line}: empty path")
         path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-        modality = _parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
+        modality = parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
         source = (row.get(columns.get("source", ""), "") or "").strip() or manifest.stem
         records.append(VolumeRecord(str(path), source, modality))
     return records
 
 
-def _parse_modality(value: str, manifest: Path, line: int) -> Modality | None:
+def parse_modality(value: str, manifest: str | os.PathLike, line: int) -> Modality | None:
+    """A manifest's modality cell: "CT"/"MR" (any case) or None for an empty cell or "auto"; anything else is a
+    BadFileError naming the manifest and its line."""
     lowered = value.lower()
     if lowered in ("", "auto"):
         return None

@@ -46,14 +46,12 @@ from torchvision.transforms import v2
 from jointssl.data import BadFileError, DataValidationError, ImageRecord, discover_images, load_image_2d
 from jointssl.data.sources import OnBadFile, validate_images
 from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
-from jointssl.downstream.pretrained import load_pretrained
-from jointssl.models import SliceEncoder
+from jointssl.downstream.common import FrozenPartsMixin, Mode, build_slice_encoders, check_mode, self_contained_hparams
 from jointssl.optim import split_decay_groups, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl.downstream")
 
 Task = Literal["binary", "multiclass", "multilabel"]
-Mode = Literal["finetune", "linear"]
 #: Optimiser defaults per mode: (learning rate, weight decay). Fine-tuning: AdamW; linear probe: SGD + momentum.
 DEFAULT_OPTIMIZATION = {"finetune": (3e-4, 0.05), "linear": (0.1, 0.0)}
 
@@ -61,13 +59,6 @@ DEFAULT_OPTIMIZATION = {"finetune": (3e-4, 0.05), "linear": (0.1, 0.0)}
 # ======================================================================================================================
 # Model
 # ======================================================================================================================
-
-
-def build_slice_encoder(pretrained: str | None, backbone: str, d_model: int) -> SliceEncoder:
-    """f_intra from a pretraining checkpoint / export folder (its architecture wins), or randomly initialised."""
-    if pretrained is None:
-        return SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
-    return load_pretrained(pretrained).slice_encoder()
 
 
 def classification_metrics(task: Task, num_classes: int) -> MetricCollection:
@@ -133,7 +124,7 @@ def logits_to_probabilities(task: Task, logits: Tensor) -> Tensor:
     return logits.softmax(dim=-1) if task == "multiclass" else logits.sigmoid()
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(FrozenPartsMixin, LightningModule):
     """f_intra (the multi-scale slice encoder, ``d_model`` features per image) + a linear classification head.
 
     Args:
@@ -179,8 +170,7 @@ class ImageClassifier(LightningModule):
         super().__init__()
         if task not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"task must be 'binary', 'multiclass' or 'multilabel', got {task!r}")
-        if mode not in ("finetune", "linear"):
-            raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
+        check_mode(mode)
         if task == "binary" and num_classes != 2:
             raise ValueError(f"task='binary' needs num_classes=2 (class 1 is the positive class), got {num_classes}")
         if num_classes < 2 and task != "multilabel":
@@ -194,13 +184,9 @@ class ImageClassifier(LightningModule):
         ):
             raise ValueError(f"class_weights needs {num_classes} non-negative values (not all 0), got {class_weights}")
         self.save_hyperparameters()
-        self.encoder = build_slice_encoder(pretrained, backbone, d_model)
-        if pretrained is not None and (backbone, d_model) != (self.encoder.backbone_name, self.encoder.d_model):
-            log.info("architecture from %s: backbone %s, d_model %d (the backbone/d_model arguments are not used)",
-                     pretrained, self.encoder.backbone_name, self.encoder.d_model)
-        # Record the architecture actually built, so that `load_from_checkpoint(path, pretrained=None)` rebuilds it.
-        self.hparams.backbone = self.encoder.backbone_name
-        self.hparams.d_model = self.encoder.d_model
+        self.encoder, _, architecture = build_slice_encoders(pretrained, backbone, d_model, None, with_aggregator=False)
+        # Record the architecture actually built, so that `load_from_checkpoint(path)` rebuilds it.
+        self.hparams.update(self_contained_hparams(self.hparams, architecture))
         outputs = 1 if task == "binary" else num_classes
         linear = nn.Linear(self.encoder.d_model, outputs)
         if mode == "linear" and linear_feature_norm:
@@ -211,9 +197,9 @@ class ImageClassifier(LightningModule):
         initial = torch.tensor(class_weights, dtype=torch.float) if given else torch.ones(num_classes)
         # Persistent: a checkpoint evaluates with the weights it trained with, also without the data module.
         self.register_buffer("class_weight", initial.float())
+        self.frozen_parts: list[nn.Module] = []
         if mode == "linear":
-            self.encoder.requires_grad_(False)
-            self.encoder.eval()
+            self.freeze_parts([self.encoder])
         self.val_metrics = classification_metrics(task, num_classes).clone(prefix="val/")
         self.test_metrics = classification_metrics(task, num_classes).clone(prefix="test/")
 
@@ -235,12 +221,6 @@ class ImageClassifier(LightningModule):
             value = getattr(data, name, None)
             if value is not None and value != self.hparams[name]:
                 raise ValueError(f"model {name}={self.hparams[name]!r} but the data module has {name}={value!r}")
-
-    def train(self, mode: bool = True) -> ImageClassifier:
-        super().train(mode)
-        if self.hparams.mode == "linear":
-            self.encoder.eval()  # frozen: no BatchNorm statistics updates, no dropout
-        return self
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import timm
@@ -37,6 +37,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork,
 from torch import Tensor, nn
 
 from jointssl.distributed import all_gather_cat, rank
+from jointssl.downstream.common import FrozenPartsMixin, Mode, check_mode, self_contained_hparams
 from jointssl.downstream.detection_data import boxes_to_world
 from jointssl.downstream.detection_metrics import FROC_FP_RATES, detection_metrics
 from jointssl.downstream.inflate import InflationRule, inflate_to_3d, reinitialise_convolutions
@@ -44,7 +45,6 @@ from jointssl.downstream.pretrained import load_pretrained
 
 log = logging.getLogger("jointssl.downstream")
 
-Mode = Literal["finetune", "linear"]
 # Stages below this reduction are the stem (as in jointssl.models.slice_encoder).
 _MIN_STAGE_REDUCTION = 4
 
@@ -169,7 +169,7 @@ def _rows_of(rows: np.ndarray, origin: tuple[float, float, float]) -> np.ndarray
     return rows[np.all(rows[:, :3] == np.asarray(origin), axis=1), 3:]
 
 
-class NoduleDetector(LightningModule):
+class NoduleDetector(FrozenPartsMixin, LightningModule):
     """3D RetinaNet nodule detector (MONAI) with a backbone inflated from the pretrained 2D slice encoder.
 
     Args:
@@ -226,8 +226,7 @@ class NoduleDetector(LightningModule):
         lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        if mode not in ("finetune", "linear"):
-            raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
+        check_mode(mode)
         if fpn_channels % 8:
             raise ValueError(f"fpn_channels must be a multiple of 8 (GroupNorm(8) in the heads), got {fpn_channels}")
         if any(len(shape) != 3 for shape in base_anchor_shapes):
@@ -240,10 +239,9 @@ class NoduleDetector(LightningModule):
                          pretrained, backbone)
             backbone = weights.architecture["backbone"]
             backbone_2d = weights.slice_encoder().backbone
-            # A checkpoint of this module holds every weight: it is rebuilt by `load_from_checkpoint` with the
-            # pretrained architecture and randomly initialised (then overwritten) weights, without the pretraining
-            # file. The path is kept for the record (not an __init__ argument: Lightning drops it on load).
-            self.hparams.update(pretrained=None, pretrained_source=pretrained, backbone=backbone)
+            # A checkpoint of this module holds every weight: `load_from_checkpoint` rebuilds it without the
+            # pretraining file.
+            self.hparams.update(self_contained_hparams(self.hparams, {"backbone": backbone}))
         else:
             backbone_2d = timm.create_model(backbone, features_only=True, in_chans=1)
         feature_extractor, self.size_divisible = build_feature_extractor(
@@ -276,21 +274,16 @@ class NoduleDetector(LightningModule):
             self.detector.set_sliding_window_inferer(
                 roi_size=list(val_patch_size), overlap=sw_overlap, sw_batch_size=1, mode="constant"
             )
+        self.frozen_parts: list[nn.Module] = []
         if mode == "linear":
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            # Frozen BatchNorm statistics stay those of the pretrained encoder.
+            self.freeze_parts([self.backbone])
         self._val_scans: list[ScanDetections] = []  # this rank's validation scans, on the CPU
 
     @property
     def backbone(self) -> nn.ModuleDict:
         """The inflated 3D ResNet stages (timm module names)."""
         return self.detector.network.feature_extractor.body
-
-    def train(self, mode: bool = True) -> NoduleDetector:
-        super().train(mode)
-        if self.hparams.mode == "linear":
-            self.backbone.eval()  # frozen BatchNorm statistics stay those of the pretrained encoder
-        return self
 
     def forward(self, images: list[Tensor] | Tensor, use_inferer: bool = False) -> list[dict[str, Tensor]]:
         """Detections per image (eval mode): ``boxes`` ``[n, 6]`` (x1, y1, z1, x2, y2, z2 in voxels),

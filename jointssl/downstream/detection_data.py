@@ -73,19 +73,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.sources import OnBadFile
+from jointssl.data.volume_io import RAS_LABELS
 from jointssl.data.volume_transforms import IMAGE_MEAN, IMAGE_STD
+from jointssl.downstream.common import split_by_volume, world_affine, world_to_voxel
 
 log = logging.getLogger("jointssl.downstream")
 
 WorldCoordinates = Literal["LPS", "RAS"]
-OnBadFile = Literal["error", "skip"]
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 NODULE_LABEL = 0
-# nibabel's and MONAI's historical axis labels, passed explicitly so that "RAS" keeps its meaning across MONAI
-# versions (as in jointssl.data.volume_io).
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 # A nodule centre this far (in voxels) outside the volume is an annotation/coordinate-frame error, not rounding.
 _OUTSIDE_TOLERANCE_VOXELS = 0.5
 
@@ -174,20 +173,6 @@ def find_scans(folders: Sequence[str | os.PathLike]) -> dict[str, str]:
     if errors:
         raise DataValidationError(errors)
     return dict(sorted(found.items()))
-
-
-def world_to_voxel(affine: np.ndarray, points: np.ndarray, world_coordinates: WorldCoordinates) -> np.ndarray:
-    """Voxel indices (of the array as stored) of world points ``[N, 3]`` given in the ``world_coordinates`` frame,
-    from the volume's NIfTI affine (voxel -> RAS millimetres)."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
-    return (np.linalg.inv(world_affine(affine, world_coordinates)) @ homogeneous.T).T[:, :3]
-
-
-def world_affine(affine: np.ndarray, world_coordinates: WorldCoordinates) -> np.ndarray:
-    """The voxel -> world affine in the ``world_coordinates`` frame, from a NIfTI (RAS) affine."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine if world_coordinates == "LPS" else affine
 
 
 def boxes_to_world(boxes: np.ndarray, voxel_to_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +290,7 @@ def _load_transforms(
         EnsureTyped(keys=["image", "box"], dtype=torch.float32),
         EnsureTyped(keys="label", dtype=torch.long),
         StandardizeEmptyBoxd(box_keys="box", box_ref_image_keys="image"),
-        Orientationd(keys="image", axcodes="RAS", labels=_RAS_LABELS),
+        Orientationd(keys="image", axcodes="RAS", labels=RAS_LABELS),
     ]
     if target_spacing is not None:
         transforms.append(Spacingd(keys="image", pixdim=tuple(target_spacing), mode="bilinear"))
@@ -551,7 +536,7 @@ class NoduleDetectionDataModule(LightningDataModule):
         if self.val_volumes is not None:
             val = collect_scans(self.val_volumes, annotations, self.world_coordinates, self.on_bad_file)
         else:
-            train, val = split_scans(train, self.val_fraction, self.split_seed)
+            train, val = split_by_volume(train, self.val_fraction, self.split_seed)
         overlap = {s.seriesuid for s in train} & {s.seriesuid for s in val}
         if overlap:
             raise ValueError(f"{len(overlap)} seriesuid(s) are in both the training and validation volumes, "
@@ -601,16 +586,6 @@ class NoduleDetectionDataModule(LightningDataModule):
             dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
             collate_fn=collate_detection,
         )
-
-
-def split_scans(scans: Sequence[Scan], val_fraction: float, seed: int) -> tuple[list[Scan], list[Scan]]:
-    """Deterministic scan-level split: ``round(val_fraction * n)`` scans (at least one) go to validation."""
-    order = np.random.default_rng(seed).permutation(len(scans))
-    num_val = max(1, round(val_fraction * len(scans))) if len(scans) > 1 else 0
-    val_positions = set(order[:num_val].tolist())
-    train = [s for i, s in enumerate(scans) if i not in val_positions]
-    val = [s for i, s in enumerate(scans) if i in val_positions]
-    return train, val
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import contextlib
 import csv
 import fnmatch
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,165 +41,41 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.data.sources import OnBadFile
 
-# _RAS_AXES_FOR_LAYOUT defines the slice layout of load_volume; world -> voxel mapping must follow it exactly.
-from jointssl.data.volume_io import _RAS_AXES_FOR_LAYOUT as RAS_AXES_FOR_LAYOUT
+# RAS_AXES_FOR_LAYOUT defines the slice layout of load_volume; a constant label map must be given the same shape.
 from jointssl.data.volume_io import (
     NIFTI_SUFFIXES,
     NUMPY_SUFFIX,
+    RAS_AXES_FOR_LAYOUT,
     ModalityChoice,
     SliceAxis,
     load_volume,
+    parse_modality,
     read_volume,
     resize_slices,
 )
-from jointssl.distributed import all_gather_cat
-from jointssl.downstream.pretrained import load_pretrained
+from jointssl.downstream.common import (
+    FrozenPartsMixin,
+    Mode,
+    adamw_with_cosine,
+    build_slice_encoders,
+    check_mode,
+    gather_rows_once,
+    normalise_image,
+    self_contained_hparams,
+    split_by_volume,
+)
 from jointssl.models import SliceAggregator, SliceEncoder
 
 log = logging.getLogger("jointssl.downstream")
 
-Mode = Literal["finetune", "linear"]
-OnBadFile = Literal["error", "skip"]
 #: FlexibleUNet's default decoder widths, deepest first (one per encoder stage).
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pieces shared by the downstream modules of 3D tasks (also used by volume_classification)
-
-
-def build_slice_encoders(
-    pretrained: str | None,
-    backbone: str,
-    d_model: int,
-    aggregator: Mapping[str, Any] | None,
-    with_aggregator: bool,
-) -> tuple[SliceEncoder, SliceAggregator | None, dict[str, Any]]:
-    """f_intra (and f_inter when ``with_aggregator``) and the architecture they have.
-
-    With ``pretrained`` (a pretraining checkpoint or an export folder) the architecture and weights come from the
-    file and ``backbone``/``d_model``/``aggregator`` are ignored; without it they are built randomly initialised
-    from those arguments (``aggregator``: SliceAggregator keyword arguments besides d_model; None = defaults).
-    """
-    if pretrained is not None:
-        weights = load_pretrained(pretrained)
-        if (backbone, d_model) != (weights.architecture["backbone"], weights.architecture["d_model"]):
-            log.info(
-                "architecture from %s: backbone %s, d_model %d (the backbone/d_model arguments are not used)",
-                pretrained, weights.architecture["backbone"], weights.architecture["d_model"],
-            )
-        encoder = weights.slice_encoder()
-        slice_aggregator = weights.slice_aggregator() if with_aggregator else None
-        architecture = {
-            "backbone": weights.architecture["backbone"],
-            "d_model": weights.architecture["d_model"],
-            "aggregator": dict(weights.architecture["aggregator"]),
-        }
-        return encoder, slice_aggregator, architecture
-    aggregator_kwargs = dict(aggregator or {})
-    encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
-    slice_aggregator = SliceAggregator(d_model=d_model, **aggregator_kwargs) if with_aggregator else None
-    return encoder, slice_aggregator, {"backbone": backbone, "d_model": d_model, "aggregator": aggregator_kwargs}
-
-
-def self_contained_hparams(hparams: Mapping[str, Any], architecture: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters for a downstream checkpoint that rebuild the model without the pretraining file.
-
-    The checkpoint holds every weight, so ``pretrained`` is cleared and the architecture it had is written in its
-    place (``load_from_checkpoint`` builds the same network randomly and loads the weights); the original path is
-    kept under ``pretrained_source`` for the record (not an ``__init__`` argument: Lightning drops it on load).
-    """
-    updated = dict(hparams)
-    updated["pretrained_source"] = hparams.get("pretrained")
-    updated.update(
-        pretrained=None,
-        backbone=architecture["backbone"],
-        d_model=architecture["d_model"],
-        aggregator=dict(architecture["aggregator"]),
-    )
-    return updated
-
-
-def freeze(module: nn.Module) -> None:
-    """No gradients and eval mode (no BatchNorm statistics updates, no dropout)."""
-    module.requires_grad_(False)
-    module.eval()
-
-
-def adamw_with_cosine(
-    model: nn.Module,
-    pretrained_parts: Sequence[nn.Module],
-    lr: float,
-    pretrained_lr_scale: float,
-    weight_decay: float,
-    total_steps: int,
-) -> dict[str, Any]:
-    """AdamW (no weight decay on biases and normalisation weights) with a per-step cosine decay to zero.
-
-    Parameters of ``pretrained_parts`` train at ``lr * pretrained_lr_scale`` (fine-tuning often wants them to
-    move less than the freshly initialised head); parameters that do not require gradients are left out.
-    """
-    pretrained_ids = {id(p) for part in pretrained_parts for p in part.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            key = (id(parameter) in pretrained_ids, parameter.ndim > 1)
-            groups.setdefault(key, []).append(parameter)
-    param_groups = [
-        {
-            "params": params,
-            "lr": lr * (pretrained_lr_scale if is_pretrained else 1.0),
-            "weight_decay": weight_decay if decays else 0.0,
-        }
-        for (is_pretrained, decays), params in sorted(groups.items())
-    ]
-    optimizer = torch.optim.AdamW(param_groups, lr=lr)
-    total_steps = max(1, total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def split_by_volume(items: Sequence[Any], val_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """A fixed random split of whole volumes (never slices of one volume on both sides), order kept.
-
-    At least one item goes to each side when there are two or more and ``0 < val_fraction < 1``.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    count = len(items)
-    num_val = round(count * val_fraction)
-    if val_fraction > 0 and count >= 2:
-        num_val = min(max(num_val, 1), count - 1)
-    chosen = set(np.random.default_rng(seed).permutation(count)[:num_val].tolist())
-    train = [item for i, item in enumerate(items) if i not in chosen]
-    val = [item for i, item in enumerate(items) if i in chosen]
-    return train, val
-
-
-def normalise_image(unit_intensities: Tensor) -> Tensor:
-    """[0, 1] intensities -> the encoder's input scale (the pretraining pipeline's fixed constants)."""
-    return (unit_intensities - NORMALIZE_MEAN) / NORMALIZE_STD
-
-
-# ----------------------------------------------------------------------------------------------------
 # Network
-
-
-def slice_embeddings(encoder: SliceEncoder, stage_maps: Sequence[Tensor]) -> Tensor:
-    """f_intra's slice embedding ``[B, d_model]`` from backbone feature maps that are already computed.
-
-    The same computation as ``SliceEncoder.forward`` (pooled, per-stage L2-normalised, concatenated, projected),
-    reusing the U-Net's encoder pass instead of running the backbone a second time.
-    """
-    pooled = []
-    for position in encoder.stage_positions:
-        stage_vector = stage_maps[position].mean(dim=(2, 3))
-        pooled.append(F.normalize(stage_vector.float(), dim=1).to(stage_vector.dtype))
-    return encoder.proj(torch.cat(pooled, dim=1))
 
 
 class SliceUNet(nn.Module):
@@ -267,7 +142,8 @@ class SliceUNet(nn.Module):
         stage_maps = list(self.encoder.backbone(slices))
         if self.aggregator is None:
             return stage_maps, None
-        embeddings = slice_embeddings(self.encoder, stage_maps)
+        # f_intra's slice embedding from the U-Net's backbone pass (no second backbone run).
+        embeddings = self.encoder.embed_features(stage_maps)
         tokens = self.aggregator(embeddings.view(-1, slab_size, embeddings.shape[-1]))
         return stage_maps, tokens.flatten(0, 1)
 
@@ -331,7 +207,7 @@ def dice_per_class(prediction: Tensor, label: Tensor, num_classes: int, ignore_e
 # LightningModule
 
 
-class SliceSegmenter(LightningModule):
+class SliceSegmenter(FrozenPartsMixin, LightningModule):
     """3D segmentation by a pretrained (or random) slice encoder in a 2D U-Net, optionally with 2.5D context.
 
     Args:
@@ -376,8 +252,7 @@ class SliceSegmenter(LightningModule):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-        if mode not in ("finetune", "linear"):
-            raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
+        check_mode(mode)
         if slab_slices < 1:
             raise ValueError(f"slab_slices must be >= 1, got {slab_slices}")
         if context_2p5d and slab_slices < 2:
@@ -392,6 +267,7 @@ class SliceSegmenter(LightningModule):
         encoder, slice_aggregator, self.architecture = build_slice_encoders(
             pretrained, backbone, d_model, aggregator, with_aggregator=context_2p5d
         )
+        self.hparams.update(self_contained_hparams(self.hparams, self.architecture))
         self.net = SliceUNet(encoder, num_classes, decoder_channels, slice_aggregator)
         self.class_names = list(class_names) if class_names else [str(c) for c in range(1, num_classes)]
         # Unused parameters must not require gradients (DDP would wait for them): the slice embedding only
@@ -402,22 +278,13 @@ class SliceSegmenter(LightningModule):
             self.net.aggregator.mask_token.requires_grad_(False)
         self.frozen_parts: list[nn.Module] = []
         if mode == "linear":
-            self.frozen_parts = [m for m in (self.net.encoder, self.net.aggregator) if m is not None]
-            for part in self.frozen_parts:
-                freeze(part)
+            self.freeze_parts(self.pretrained_parts)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self._val_results: list[Tensor] = []
 
     @property
     def pretrained_parts(self) -> list[nn.Module]:
         return [m for m in (self.net.encoder, self.net.aggregator) if m is not None]
-
-    def train(self, mode: bool = True) -> SliceSegmenter:
-        super().train(mode)
-        # Frozen parts stay in eval mode: their BatchNorm statistics must not drift.
-        for part in getattr(self, "frozen_parts", ()):
-            part.eval()
-        return self
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
@@ -489,11 +356,8 @@ class SliceSegmenter(LightningModule):
     def on_validation_epoch_end(self) -> None:
         width = self.hparams.num_classes  # volume index + one Dice per foreground class
         local = torch.stack(self._val_results) if self._val_results else torch.zeros(0, width, device=self.device)
-        results = all_gather_cat(local)
-        # Every rank now holds every result, so the logged values agree without sync_dist.
-        # Distributed samplers repeat volumes to even out the shards: count every volume once.
-        _, first = np.unique(results[:, 0].cpu().numpy(), return_index=True)
-        dice = results[torch.as_tensor(first, device=results.device), 1:]
+        # Every rank now holds every result (each volume once), so the logged values agree without sync_dist.
+        dice = gather_rows_once(local)[:, 1:]
         per_class = dice.nanmean(dim=0)
         for name, value in zip(self.class_names, per_class):
             if not torch.isnan(value):
@@ -511,9 +375,6 @@ class SliceSegmenter(LightningModule):
             prediction = self._predict_labels(batch["image"][i : i + 1], grid)[0, 0]
             outputs.append({"path": batch["path"][i], "prediction": prediction.to(torch.int16).cpu()})
         return outputs
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyper_parameters"] = self_contained_hparams(checkpoint["hyper_parameters"], self.architecture)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_cosine(
@@ -575,7 +436,7 @@ def read_pairs_manifest(manifest: str | os.PathLike, include: str | None = None)
                 continue
             if include is not None and not fnmatch.fnmatch(Path(image).name, include):
                 continue
-            modality = _parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
+            modality = parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
             pairs.append(SegmentationPair(str(_resolve(manifest, image)), str(_resolve(manifest, label)), modality))
     return pairs
 
@@ -707,15 +568,6 @@ def _read_label_map(path: str, slice_axis: SliceAxis) -> np.ndarray:
         ras_shape[ras_axis] = header.shape[file_axis]
     layout = RAS_AXES_FOR_LAYOUT[slice_axis]
     return np.full([ras_shape[axis] for axis in layout], value, dtype=np.float32)
-
-
-def _parse_modality(value: str, manifest: Path, line: int) -> Literal["ct", "mr"] | None:
-    lowered = value.lower()
-    if lowered in ("", "auto"):
-        return None
-    if lowered in ("ct", "mr"):
-        return lowered  # type: ignore[return-value]
-    raise BadFileError(manifest, f"line {line}: modality must be CT, MR or empty, got {value!r}")
 
 
 def _resolve(manifest: Path, value: str) -> Path:

@@ -49,18 +49,26 @@ from torchmetrics.functional.classification import (
 )
 
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.volume_io import NIFTI_SUFFIXES, ModalityChoice, SliceAxis, load_volume
-from jointssl.distributed import all_gather_cat
-from jointssl.downstream.segmentation import (
+from jointssl.data.sources import OnBadFile
+from jointssl.data.volume_io import (
+    NIFTI_SUFFIXES,
     RAS_AXES_FOR_LAYOUT,
+    ModalityChoice,
+    SliceAxis,
+    load_volume,
+    parse_modality,
+)
+from jointssl.downstream.common import (
+    FrozenPartsMixin,
     Mode,
-    OnBadFile,
     adamw_with_cosine,
     build_slice_encoders,
-    freeze,
+    check_mode,
+    gather_rows_once,
     normalise_image,
     self_contained_hparams,
     split_by_volume,
+    world_to_voxel,
 )
 
 log = logging.getLogger("jointssl.downstream")
@@ -72,7 +80,7 @@ WorldFrame = Literal["lps", "ras"]
 # LightningModule
 
 
-class VolumeClassifier(LightningModule):
+class VolumeClassifier(FrozenPartsMixin, LightningModule):
     """f_intra + f_inter + pooling + a linear head, for volumes or candidate slabs.
 
     Args:
@@ -104,32 +112,23 @@ class VolumeClassifier(LightningModule):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (2 = binary), got {num_classes}")
-        if mode not in ("finetune", "linear"):
-            raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
+        check_mode(mode)
         if class_weights is not None and len(class_weights) != num_classes:
             raise ValueError(f"class_weights needs {num_classes} values, got {class_weights}")
         self.save_hyperparameters()
         self.encoder, self.aggregator, self.architecture = build_slice_encoders(
             pretrained, backbone, d_model, aggregator, with_aggregator=True
         )
+        self.hparams.update(self_contained_hparams(self.hparams, self.architecture))
         # Only masked pretraining uses the mask token; DDP must not wait for its gradient.
         self.aggregator.mask_token.requires_grad_(False)
         self.head = nn.Linear(self.architecture["d_model"], num_classes)
         self.frozen_parts: list[nn.Module] = []
         if mode == "linear":
-            self.frozen_parts = [self.encoder, self.aggregator]
-            for part in self.frozen_parts:
-                freeze(part)
+            self.freeze_parts([self.encoder, self.aggregator])
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self._val_rows: list[Tensor] = []
-
-    def train(self, mode: bool = True) -> VolumeClassifier:
-        super().train(mode)
-        # Frozen parts stay in eval mode: their BatchNorm statistics must not drift.
-        for part in getattr(self, "frozen_parts", ()):
-            part.eval()
-        return self
 
     def setup(self, stage: str) -> None:
         max_class = getattr(self.trainer.datamodule, "max_class_index", None)
@@ -184,10 +183,7 @@ class VolumeClassifier(LightningModule):
     def on_validation_epoch_end(self) -> None:
         width = 2 + self.hparams.num_classes
         local = torch.cat(self._val_rows) if self._val_rows else torch.zeros(0, width, device=self.device)
-        rows = all_gather_cat(local)
-        # Distributed samplers repeat samples to even out the shards: count every sample once.
-        _, first = np.unique(rows[:, 0].cpu().numpy(), return_index=True)
-        rows = rows[torch.as_tensor(first, device=rows.device)]
+        rows = gather_rows_once(local)
         metrics = self.evaluation_metrics(rows[:, 2:], rows[:, 1].long())
         for name, value in metrics.items():
             # Every rank holds every result, so the values agree without sync_dist.
@@ -211,9 +207,6 @@ class VolumeClassifier(LightningModule):
         else:
             metrics["auroc"] = multiclass_auroc(probabilities, targets, num_classes=num_classes, average="macro")
         return metrics
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyper_parameters"] = self_contained_hparams(checkpoint["hyper_parameters"], self.architecture)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_with_cosine(
@@ -247,10 +240,7 @@ def world_to_layout_index(
     """
     if world_frame not in ("lps", "ras"):
         raise ValueError(f"world_frame must be 'lps' or 'ras', got {world_frame!r}")
-    ras_mm = np.asarray(world, dtype=np.float64)
-    if world_frame == "lps":
-        ras_mm = ras_mm * np.array([-1.0, -1.0, 1.0])
-    file_index = np.linalg.solve(np.asarray(affine, dtype=np.float64), np.append(ras_mm, 1.0))[:3]
+    file_index = world_to_voxel(affine, np.asarray(world, dtype=np.float64), world_frame)[0]
     # The reorientation of load_volume (MONAI Orientation, which uses this same nibabel rule): file axis a
     # becomes RAS axis ornt[a, 0], reversed when ornt[a, 1] == -1.
     orientation = nib.orientations.io_orientation(affine)
@@ -343,15 +333,6 @@ def _parse_label(value: str, path: Path, line: int) -> int:
     return label
 
 
-def _parse_modality(value: str, path: Path, line: int) -> Literal["ct", "mr"] | None:
-    lowered = value.lower()
-    if lowered in ("", "auto"):
-        return None
-    if lowered in ("ct", "mr"):
-        return lowered  # type: ignore[return-value]
-    raise BadFileError(path, f"line {line}: modality must be CT, MR or empty, got {value!r}")
-
-
 def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
     """A whole-volume manifest: ``path`` (or ``image``) and ``label`` columns, optional ``modality``; relative paths
     are relative to the manifest."""
@@ -367,7 +348,7 @@ def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
             raise BadFileError(manifest, f"line {line}: empty path")
         path = Path(value) if Path(value).is_absolute() else manifest.parent / value
         label = _parse_label(_cell(row, columns, "label"), manifest, line)
-        items.append(LabelledVolume(str(path), label, _parse_modality(_cell(row, columns, "modality"), manifest, line)))
+        items.append(LabelledVolume(str(path), label, parse_modality(_cell(row, columns, "modality"), manifest, line)))
     return items
 
 
@@ -410,7 +391,7 @@ def read_candidates(candidates: str | os.PathLike, volume_dir: str | os.PathLike
         if not all(np.isfinite(world)):
             raise BadFileError(candidates, f"line {line}: non-finite coordinates {world}")
         label = _parse_label(_cell(row, columns, label_column), candidates, line)
-        modality = _parse_modality(_cell(row, columns, "modality"), candidates, line)
+        modality = parse_modality(_cell(row, columns, "modality"), candidates, line)
         items.append(Candidate(path, world, label, modality))  # type: ignore[arg-type]
     return items
 

@@ -21,9 +21,9 @@ from jointssl.distributed import all_gather_cat, all_reduce_sum, rank
 # bounded (256 MiB).
 _CPU_CHUNK_ELEMENTS = 1 << 19
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
-# Halvings of the CPU argmax in _NearestCentroids._tree_argmax: 2**halvings column groups (at K=3000, 4 took
-# less time than 3 or 5, measured with torch.profiler in benchmarks/bench_kmeans.py's setting).
-_ARGMAX_HALVINGS = 4
+# Column groups of the CPU argmax in _NearestCentroids._grouped_argmax (at K=3000, 16 took less time than 4, 8
+# or 32 in the setting of benchmarks/bench_kmeans.py).
+_ARGMAX_GROUPS = 16
 
 
 class KMeansResult(NamedTuple):
@@ -117,8 +117,8 @@ class _ChunkViews(NamedTuple):
     """Views of the reused buffers for one chunk size, made once (slicing costs Python time every chunk)."""
 
     mm_out: Tensor  # [rows, K] scores written by the matmul
-    halvings: list[tuple[Tensor, Tensor, Tensor]]  # (left half, right half, output) of each halving
     grouped: Tensor  # [rows, G, W] view of the padded scores
+    group_max: Tensor  # [rows, W] maximum over the G groups
 
 
 class _NearestCentroids:
@@ -130,15 +130,14 @@ class _NearestCentroids:
         self.rows_per_chunk = rows_per_chunk
         buffer_rows = min(rows_per_chunk, num_rows)
         # On CPU a row-wise argmax over K columns is a scalar loop (measured: a quarter of the matmul's time at
-        # K=3000, and far worse with 2 threads on a busy machine), while elementwise maxima are vectorised:
-        # see _tree_argmax. Elsewhere torch.argmax is a fast reduction.
-        self.use_tree = like.device.type == "cpu"
-        self.groups = 2**_ARGMAX_HALVINGS if self.use_tree else 1
+        # K=3000), while a maximum over column groups is vectorised: see _grouped_argmax. Elsewhere
+        # torch.argmax is a fast reduction.
+        self.use_groups = like.device.type == "cpu"
+        groups = _ARGMAX_GROUPS if self.use_groups else 1
         # K padded to a multiple of the number of groups; the padding columns hold -inf and are never written.
-        padded = -(-num_clusters // self.groups) * self.groups
-        self.scores = like.new_full((buffer_rows, padded), float("-inf"))
-        halvings = _ARGMAX_HALVINGS if self.use_tree else 0
-        self.levels = [like.new_empty((buffer_rows, padded >> level)) for level in range(1, halvings + 1)]
+        group_width = -(-num_clusters // groups)
+        self.scores = like.new_full((buffer_rows, groups, group_width), float("-inf"))
+        self.group_max = like.new_empty((buffer_rows, group_width if self.use_groups else 0))
         self._views: dict[int, _ChunkViews] = {}
 
     def __call__(self, points: Tensor, centroids: Tensor, out: Tensor) -> None:
@@ -147,35 +146,31 @@ class _NearestCentroids:
         for block, block_out in zip(points.split(self.rows_per_chunk), out.split(self.rows_per_chunk)):
             views = self._chunk_views(block.shape[0])
             torch.mm(block, centroids_t, out=views.mm_out)
-            if self.use_tree:
-                self._tree_argmax(views, out=block_out)
+            if self.use_groups:
+                self._grouped_argmax(views, out=block_out)
             else:
                 torch.argmax(views.mm_out, dim=1, out=block_out)
 
     def _chunk_views(self, rows: int) -> _ChunkViews:
         if rows not in self._views:
-            scores = self.scores[:rows]
-            halvings, level = [], scores
-            for output in self.levels:
-                width = level.shape[1] // 2
-                halvings.append((level[:, :width], level[:, width:], output[:rows]))
-                level = output[:rows]
-            grouped = scores.view(rows, self.groups, scores.shape[1] // self.groups)
-            self._views[rows] = _ChunkViews(scores[:, : self.num_clusters], halvings, grouped)
+            grouped = self.scores[:rows]
+            mm_out = grouped.view(rows, -1)[:, : self.num_clusters]
+            self._views[rows] = _ChunkViews(mm_out, grouped, self.group_max[:rows])
         return self._views[rows]
 
-    def _tree_argmax(self, views: _ChunkViews, out: Tensor) -> None:
-        """Row-wise argmax of [rows, G * W] scores (G = 2**_ARGMAX_HALVINGS groups of W columns) without a
-        K-wide argmax.
+    @staticmethod
+    def _grouped_argmax(views: _ChunkViews, out: Tensor) -> None:
+        """Row-wise argmax of scores seen as G groups of W columns, without a K-wide scalar argmax.
 
-        The halvings (elementwise maxima of the left and right halves) leave, for every column c < W, the
-        maximum over columns c, W + c, ..., (G - 1) * W + c. The argmax over those W maxima is the column c of
-        the row's maximum within its group; the argmax over the G candidates g * W + c is its group g.
+        One vectorised maximum over the groups leaves, for every column c < W, the maximum over columns
+        c, W + c, ..., (G - 1) * W + c. The argmax over those W maxima is the column c of the row's maximum
+        within its group; the argmax over the G candidates g * W + c is its group g. (A tree of pairwise
+        maxima did as well on an idle machine but worse on a busy one: each op is one more parallel region
+        that waits for a descheduled thread.)
         """
-        for left, right, output in views.halvings:
-            torch.maximum(left, right, out=output)
         rows, groups, group_width = views.grouped.shape
-        column = views.halvings[-1][2].argmax(dim=1)
+        torch.amax(views.grouped, dim=1, out=views.group_max)
+        column = views.group_max.argmax(dim=1)
         candidates = views.grouped.gather(2, column.view(rows, 1, 1).expand(rows, groups, 1))
         torch.add(column, candidates.view(rows, groups).argmax(dim=1), alpha=group_width, out=out)
 

@@ -9,6 +9,7 @@ ones in the concatenation.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import timm
 import torch
@@ -57,11 +58,15 @@ class SliceEncoder(nn.Module):
         self.proj = nn.Linear(sum(self.feature_dims), d_model)
 
     def multiscale_features(self, x: Tensor) -> Tensor:
-        """Concatenated per-stage pooled and L2-normalised features, ``[B, sum(feature_dims)]``."""
-        stage_maps = self.backbone(x)
+        """Concatenated per-stage pooled and L2-normalised features of images, ``[B, sum(feature_dims)]``."""
+        return self.pool_feature_maps(self.backbone(x))
+
+    def pool_feature_maps(self, feature_maps: Sequence[Tensor]) -> Tensor:
+        """Concatenated per-stage pooled and L2-normalised features, ``[B, sum(feature_dims)]``, of the backbone's
+        feature maps (all of its outputs, as ``self.backbone(x)`` returns them; the used stages are picked)."""
         pooled = []
         for position, dim in zip(self.stage_positions, self.feature_dims):
-            feature_map = stage_maps[position]
+            feature_map = feature_maps[position]
             if feature_map.ndim != 4 or feature_map.shape[1] != dim:
                 raise ValueError(
                     f"{self.backbone_name}: expected an NCHW feature map with {dim} channels at output "
@@ -72,9 +77,14 @@ class SliceEncoder(nn.Module):
             pooled.append(F.normalize(stage_vector.float(), dim=1).to(stage_vector.dtype))
         return torch.cat(pooled, dim=1)
 
+    def embed_features(self, feature_maps: Sequence[Tensor]) -> Tensor:
+        """The slice embedding ``[B, d_model]`` from backbone feature maps that are already computed (e.g. by a
+        U-Net sharing the backbone pass): the same computation as :meth:`forward` after the backbone."""
+        return self.proj(self.pool_feature_maps(feature_maps))
+
     def forward(self, x: Tensor) -> Tensor:
         """Embed a batch of images ``[B, in_chans, H, W]`` into ``[B, d_model]``."""
-        return self.proj(self.multiscale_features(x))
+        return self.embed_features(self.backbone(x))
 
     def forward_chunked(self, x: Tensor, chunk_size: int, checkpoint: bool = False) -> Tensor:
         """``forward`` over chunks of at most ``chunk_size`` images (e.g. the slices of 64-slice volumes).
