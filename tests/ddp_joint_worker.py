@@ -7,13 +7,10 @@ Usage: python -m tests.ddp_joint_worker --rank R --world-size 2 --port P --out D
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
 from jointssl.pretrain import JointSSL
+from tests.gloo_ranks import worker_main
 
 IMAGES, VOLUMES, SLICES, SIZE = 4, 4, 6, 32  # whole batch; each of 2 ranks holds half
 TINY = dict(
@@ -74,23 +71,9 @@ def run(method: str, rank: int | None, world_size: int) -> dict[str, torch.Tenso
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world_size
-    )
-    try:
-        results = {method: run(method, args.rank, args.world_size) for method in ("swav", "deepcluster")}
-        torch.save(results, args.out / f"rank{args.rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def compute(rank: int, world_size: int) -> dict:
+    return {method: run(method, rank, world_size) for method in ("swav", "deepcluster")}
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(compute)

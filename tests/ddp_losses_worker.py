@@ -9,14 +9,11 @@ Usage: python -m tests.ddp_losses_worker --rank R --world-size 2 --port P --out 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from jointssl.losses import DeepClusterMemory, DeepClusterV2Loss, SwAVLoss, sinkhorn_knopp, spherical_kmeans
+from tests.gloo_ranks import worker_main
 
 # Rows of each rank's shard; unequal where the component allows ranks of different sizes.
 SINKHORN_ROWS = (7, 6)
@@ -113,23 +110,5 @@ def run_losses(data: dict, rank: int | None) -> dict[str, torch.Tensor]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world_size
-    )
-    try:
-        results = run_losses(union_data(), args.rank)
-        torch.save(results, args.out / f"rank{args.rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(lambda rank, world_size: run_losses(union_data(), rank))

@@ -3,15 +3,11 @@ L_inter, the 3D assignments (Sinkhorn codes / k-means labels and centroids) and 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
 from tests.ddp_joint_worker import run
-from tests.test_losses_ddp import free_port
+from tests.gloo_ranks import run_ranks
 
 WORLD_SIZE = 2
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -19,25 +15,7 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("ddp_joint")
-    port = free_port()
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.ddp_joint_worker", "--rank", str(rank), "--world-size", str(WORLD_SIZE),
-             "--port", str(port), "--out", str(out_dir)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    try:
-        logs = [worker.communicate(timeout=180)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    for worker, log in zip(workers, logs):
-        assert worker.returncode == 0, f"rank failed:\n{log}"
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_ranks("tests.ddp_joint_worker", tmp_path_factory.mktemp("ddp_joint"), WORLD_SIZE)
 
 
 @pytest.mark.ddp

@@ -3,63 +3,19 @@ Sinkhorn codes, k-means, SwAV loss (with queue) and its gradients, DeepCluster-v
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
 from tests.ddp_losses_worker import run_losses, union_data
+from tests.gloo_ranks import run_ranks
 
 WORLD_SIZE = 2
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    out_dir = tmp_path_factory.mktemp("ddp_losses")
-    port = free_port()
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.ddp_losses_worker",
-                "--rank",
-                str(rank),
-                "--world-size",
-                str(WORLD_SIZE),
-                "--port",
-                str(port),
-                "--out",
-                str(out_dir),
-            ],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    logs = []
-    try:
-        for worker in workers:
-            logs.append(worker.communicate(timeout=120)[0])
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    for worker, log in zip(workers, logs):
-        assert worker.returncode == 0, f"rank failed:\n{log}"
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_ranks("tests.ddp_losses_worker", tmp_path_factory.mktemp("ddp_losses"), WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")
