@@ -192,6 +192,16 @@ class JointSSL(LightningModule):
             log.info("not trained (no active loss uses them): %s", ", ".join(sorted(unused - self._frozen)))
         self._frozen |= unused
         self._apply_freeze()
+        if self.hparams.projection_hidden_dim > 0:
+            # The projection heads' BatchNorm needs two samples per device batch to compute training statistics.
+            batches = [("batch_size", data.batch_size, "intra")]
+            if has_volumes:
+                batches.append(("volume_batch_size", data.volume_batch_size, "inter"))
+            for name, size, task in batches:
+                if task not in self._frozen and size < 2:
+                    raise ValueError(
+                        f"{name}={size}: the projection head's BatchNorm needs at least 2 samples per device batch"
+                    )
         # DeepCluster-v2 banks: each rank holds the embeddings of its shard of one epoch.
         world = self.trainer.world_size
         num_volumes = getattr(data, "num_volumes", 0)

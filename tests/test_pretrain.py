@@ -220,3 +220,14 @@ def test_deepcluster_with_more_prototypes_than_samples_fails_before_training(tmp
     model = JointSSL(**TINY_MODEL, method="deepcluster", num_prototypes=[100])
     with pytest.raises(ValueError, match="at least as many 2D samples as prototypes per head: 64 < 100"):
         fit(model, tiny_data(tmp_path), tmp_path, max_steps=1)
+
+
+def test_volume_batch_of_one_fails_before_training_with_a_clear_message(tmp_path: Path) -> None:
+    synthetic = SyntheticData(root=str(tmp_path / "d"), num_images=32, image_size=40, num_volumes=4,
+                              volume_shape=(40, 40, 10))
+    data = tiny_data(tmp_path, synthetic=synthetic, num_slices=6, volume_size=32, volume_batch_size=1,
+                     volume_in_plane_size=40)
+    model = JointSSL(**TINY_MODEL, num_prototypes=[8], num_prototypes_3d=[2], aggregator_layers=1,
+                     aggregator_heads=4, aggregator_ffn_dim=32)
+    with pytest.raises(ValueError, match="volume_batch_size=1: the projection head's BatchNorm needs at least 2"):
+        fit(model, data, tmp_path, max_steps=1)
