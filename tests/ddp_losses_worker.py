@@ -43,12 +43,8 @@ def union_data() -> dict:
         "prototypes": unit(NUM_PROTOTYPES, DIM),
         "bank_indices": bank_indices,
         "bank_embeddings": unit(2, sum(BANK_ROWS), DIM),  # [crop, row, dim]
-        "dc_scores": [
-            [torch.randn(2 * DC_BATCH, k, generator=generator) for _ in range(2)] for k in DC_HEADS
-        ],
-        "dc_targets": torch.stack(
-            [torch.randint(0, k, (2 * DC_BATCH,), generator=generator) for k in DC_HEADS]
-        ),
+        "dc_scores": [[torch.randn(2 * DC_BATCH, k, generator=generator) for _ in range(2)] for k in DC_HEADS],
+        "dc_targets": torch.stack([torch.randint(0, k, (2 * DC_BATCH,), generator=generator) for k in DC_HEADS]),
     }
 
 

@@ -79,9 +79,7 @@ def test_loss_is_float32_under_bf16_autocast():
 def embeddings_for(indices: torch.Tensor, num_crops: int, dim: int) -> list[torch.Tensor]:
     """Deterministic per-sample embeddings (crop c of sample i), so bank contents can be checked exactly."""
     return [
-        F.normalize(
-            torch.sin(indices.double()[:, None] * (1 + torch.arange(dim)) + 0.7 * crop).float(), dim=1
-        )
+        F.normalize(torch.sin(indices.double()[:, None] * (1 + torch.arange(dim)) + 0.7 * crop).float(), dim=1)
         for crop in range(num_crops)
     ]
 

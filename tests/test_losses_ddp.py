@@ -56,9 +56,7 @@ def test_deepcluster_memory_and_loss_equal_the_union(rank_results, union_results
     first, second = rank_results
     assert torch.equal(first["memory_labels"], second["memory_labels"])
     assert torch.equal(first["memory_labels"], union_results["memory_labels"])
-    assert (union_results["memory_labels"] >= 0).sum() > 0 and (
-        union_results["memory_labels"] == -1
-    ).sum() > 0
+    assert (union_results["memory_labels"] >= 0).sum() > 0 and (union_results["memory_labels"] == -1).sum() > 0
     for head in range(2):
         key = f"memory_centroids_{head}"
         torch.testing.assert_close(first[key], union_results[key], **TIGHT)

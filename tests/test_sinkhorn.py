@@ -33,9 +33,7 @@ def cosine_scores(num_samples: int, num_prototypes: int, dim: int = 16, seed: in
 def test_matches_float64_reference(iterations):
     scores = cosine_scores(96, 24)
     codes = sinkhorn_knopp(scores, epsilon=0.05, iterations=iterations)
-    torch.testing.assert_close(
-        codes.double(), reference_sinkhorn(scores, 0.05, iterations), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(codes.double(), reference_sinkhorn(scores, 0.05, iterations), rtol=1e-5, atol=1e-6)
 
 
 def test_matches_reference_for_scores_up_to_one_over_epsilon():

@@ -91,9 +91,7 @@ class DeepClusterMemory(nn.Module):
         self.register_buffer("embeddings", torch.zeros(num_crops, bank_size, embedding_dim))
         self.register_buffer("indices", torch.full((bank_size,), -1, dtype=torch.long))
         self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
-        self.register_buffer(
-            "labels", torch.full((len(self.num_prototypes), dataset_size), -1, dtype=torch.long)
-        )
+        self.register_buffer("labels", torch.full((len(self.num_prototypes), dataset_size), -1, dtype=torch.long))
 
     @property
     def num_heads(self) -> int:
@@ -137,9 +135,7 @@ class DeepClusterMemory(nn.Module):
         filled = self.indices >= 0
         bank_indices = self.indices[filled]
         all_indices = all_gather_cat(bank_indices)
-        if all_indices.numel() and (
-            int(all_indices.min()) < 0 or int(all_indices.max()) >= self.dataset_size
-        ):
+        if all_indices.numel() and (int(all_indices.min()) < 0 or int(all_indices.max()) >= self.dataset_size):
             raise ValueError(f"memory bank holds sample indices outside [0, {self.dataset_size})")
         # A sample can sit in two banks (a distributed sampler pads its shards with repeats): its label comes
         # from its first occurrence in rank order, deterministically.

@@ -15,11 +15,11 @@ from torch import Tensor
 
 from jointssl.distributed import all_gather_cat, all_reduce_sum, rank
 
-# Elements of one chunk of the [chunk, K] score matrix. On CPU the block (2 MiB) then stays in cache between the
-# matmul that writes it and the argmax that reads it (larger chunks measured slower in the setting of
-# benchmarks/bench_kmeans.py); on an accelerator larger blocks mean fewer kernel launches while memory stays
-# bounded (256 MiB).
-_CPU_CHUNK_ELEMENTS = 1 << 19
+# Elements of one chunk of the [chunk, K] score matrix. On CPU the block (4 MiB: about 2 MiB per core with 2
+# threads) stays in cache between the matmul that writes it and the argmax that reads it; chunks of half or
+# four times the size measured slower in benchmarks/bench_kmeans.py. On an accelerator larger blocks mean
+# fewer kernel launches while memory stays bounded (256 MiB).
+_CPU_CHUNK_ELEMENTS = 1 << 20
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 # Column groups of the CPU argmax in _NearestCentroids._grouped_argmax (at K=3000, 16 took less time than 4, 8
 # or 32 in the setting of benchmarks/bench_kmeans.py).
@@ -114,11 +114,15 @@ def _seeded_initial_centroids(points: Tensor, num_clusters: int, seed: int) -> T
 
 
 class _ChunkViews(NamedTuple):
-    """Views of the reused buffers for one chunk size, made once (slicing costs Python time every chunk)."""
+    """Views of the reused buffers for one chunk size, made once (each view op costs Python and dispatch time,
+    a few percent of the matmul per chunk)."""
 
     mm_out: Tensor  # [rows, K] scores written by the matmul
     grouped: Tensor  # [rows, G, W] view of the padded scores
     group_max: Tensor  # [rows, W] maximum over the G groups
+    column: Tensor  # [rows] argmax of group_max
+    column_index: Tensor  # [rows, G, 1] view of `column`, expanded over the groups (gather's index)
+    candidates: Tensor  # [rows, G, 1] scores at (g, column) of each group g
 
 
 class _NearestCentroids:
@@ -137,7 +141,10 @@ class _NearestCentroids:
         # K padded to a multiple of the number of groups; the padding columns hold -inf and are never written.
         group_width = -(-num_clusters // groups)
         self.scores = like.new_full((buffer_rows, groups, group_width), float("-inf"))
-        self.group_max = like.new_empty((buffer_rows, group_width if self.use_groups else 0))
+        used_rows = buffer_rows if self.use_groups else 0
+        self.group_max = like.new_empty((used_rows, group_width))
+        self.column = torch.empty(used_rows, dtype=torch.long, device=like.device)
+        self.candidates = like.new_empty((used_rows, groups, 1))
         self._views: dict[int, _ChunkViews] = {}
 
     def __call__(self, points: Tensor, centroids: Tensor, out: Tensor) -> None:
@@ -154,8 +161,16 @@ class _NearestCentroids:
     def _chunk_views(self, rows: int) -> _ChunkViews:
         if rows not in self._views:
             grouped = self.scores[:rows]
-            mm_out = grouped.view(rows, -1)[:, : self.num_clusters]
-            self._views[rows] = _ChunkViews(mm_out, grouped, self.group_max[:rows])
+            groups = grouped.shape[1]
+            column = self.column[:rows]
+            self._views[rows] = _ChunkViews(
+                mm_out=grouped.view(rows, -1)[:, : self.num_clusters],
+                grouped=grouped,
+                group_max=self.group_max[:rows],
+                column=column,
+                column_index=column.view(-1, 1, 1).expand(-1, groups, 1),
+                candidates=self.candidates[:rows],
+            )
         return self._views[rows]
 
     @staticmethod
@@ -168,11 +183,11 @@ class _NearestCentroids:
         maxima did as well on an idle machine but worse on a busy one: each op is one more parallel region
         that waits for a descheduled thread.)
         """
-        rows, groups, group_width = views.grouped.shape
         torch.amax(views.grouped, dim=1, out=views.group_max)
-        column = views.group_max.argmax(dim=1)
-        candidates = views.grouped.gather(2, column.view(rows, 1, 1).expand(rows, groups, 1))
-        torch.add(column, candidates.view(rows, groups).argmax(dim=1), alpha=group_width, out=out)
+        torch.argmax(views.group_max, dim=1, out=views.column)
+        torch.gather(views.grouped, 2, views.column_index, out=views.candidates)
+        group = views.candidates.argmax(dim=1).squeeze(1)
+        torch.add(views.column, group, alpha=views.grouped.shape[2], out=out)
 
 
 def _updated_centroids(points: Tensor, assignments: Tensor, centroids: Tensor) -> Tensor:

@@ -63,9 +63,7 @@ class SwAVLoss(nn.Module):
         """True once every queue row holds an embedding (reads a device scalar: one sync on GPU)."""
         return self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
 
-    def forward(
-        self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False
-    ) -> SwAVOutput:
+    def forward(self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False) -> SwAVOutput:
         """Swapped-prediction loss.
 
         Args:
@@ -97,9 +95,7 @@ class SwAVLoss(nn.Module):
                         assignments = codes.argmax(dim=1)
                     self._push_to_queue(slot, embeddings[crop])
                 predictions = [
-                    -(codes * log_probs[view]).sum(dim=1).mean()
-                    for view in range(len(embeddings))
-                    if view != crop
+                    -(codes * log_probs[view]).sum(dim=1).mean() for view in range(len(embeddings)) if view != crop
                 ]
                 crop_losses.append(torch.stack(predictions).mean())
             loss = torch.stack(crop_losses).mean()
@@ -122,15 +118,11 @@ class SwAVLoss(nn.Module):
         if len(embeddings) < 2:
             raise ValueError(f"swapped prediction needs at least 2 crops, got {len(embeddings)}")
         if max(self.crops_for_assign) >= len(embeddings) or min(self.crops_for_assign) < 0:
-            raise ValueError(
-                f"crops_for_assign {self.crops_for_assign} out of range for {len(embeddings)} crops"
-            )
+            raise ValueError(f"crops_for_assign {self.crops_for_assign} out of range for {len(embeddings)} crops")
         shapes = {tuple(crop.shape) for crop in embeddings}
         if len(shapes) != 1 or embeddings[0].ndim != 2:
             raise ValueError(f"every crop must be a [B, D] tensor of the same shape, got {sorted(shapes)}")
         if prototypes.ndim != 2 or prototypes.shape[1] != embeddings[0].shape[1]:
-            raise ValueError(
-                f"prototypes must be [K, {embeddings[0].shape[1]}], got shape {tuple(prototypes.shape)}"
-            )
+            raise ValueError(f"prototypes must be [K, {embeddings[0].shape[1]}], got shape {tuple(prototypes.shape)}")
         if self.queue_length > 0 and self.embedding_dim != embeddings[0].shape[1]:
             raise ValueError(f"queue holds {self.embedding_dim}-d embeddings, got {embeddings[0].shape[1]}-d")
