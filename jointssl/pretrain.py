@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
 
 from jointssl import distributed
-from jointssl.losses import masked_embedding_loss, random_slice_mask
+from jointssl.losses import DeepClusterMemory, SwAVLoss, keyed_uniform, masked_embedding_loss, random_slice_mask
 from jointssl.losses.clustering import ClusteringTask
 from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
 from jointssl.optim import LARS, warmup_cosine_scheduler
@@ -29,6 +29,27 @@ log = logging.getLogger("jointssl")
 CHECKPOINT_FORMAT_VERSION = 1
 #: Parts that `freeze` may name.
 PARTS = ("encoder", "intra", "aggregator", "inter", "mask_decoder")
+#: Checkpoint key of the state each rank holds for itself (queues, memory banks, usage counts), one entry per rank.
+RANK_STATE_KEY = "jointssl_rank_state"
+# Salts of the per-sample random choices (see `keyed_uniform`): one stream per purpose.
+_PICK_SLICES, _MASK_SLICES = 0, 1
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient."""
+
+
+def describe_batch(batch: dict[str, Any], limit: int = 8) -> str:
+    """The samples of a training batch for messages: each stream's global indices and sources (at most `limit`)."""
+    parts = []
+    for stream, fields in batch.items():
+        if fields is None:
+            continue
+        index = fields["index"].tolist()
+        sources = sorted(set(fields.get("source", [])))
+        more = f" (+{len(index) - limit} more)" if len(index) > limit else ""
+        parts.append(f"{stream} index {index[:limit]}{more} from {', '.join(sources) or 'unknown sources'}")
+    return "; ".join(parts)
 
 
 class JointSSL(LightningModule):
@@ -80,6 +101,15 @@ class JointSSL(LightningModule):
         weight_decay: applied to weights only (no bias / norm parameters), as in the reference.
         momentum: SGD momentum.
         lars_trust_coefficient: LARS trust coefficient (eta); 0 disables the LARS adaptation (plain SGD).
+        max_consecutive_bad_steps: a step whose loss (any term, on any rank) or gradient is not finite is skipped
+            (no weight, momentum or BatchNorm-free update; counted in ``train/skipped_steps``); this many skipped
+            steps in a row stop the run with `NonFiniteTrainingError` naming the loss term and the batch's samples.
+            With fp16 mixed precision, non-finite gradients are left to the gradient scaler (they are expected
+            while it finds its scale); non-finite losses are still skipped.
+        collapse_min_prototypes_used: collapse alarm: a warning when, over an epoch, the fraction of head-0
+            prototypes that won at least one assignment falls below this (``train/*_prototypes_used``).
+        collapse_min_entropy: collapse alarm: a warning when the normalised entropy of the epoch's assignment
+            histogram falls below this (``train/*_assignment_entropy``; 1 = uniform, 0 = one cluster).
     """
 
     def __init__(
@@ -121,6 +151,9 @@ class JointSSL(LightningModule):
         weight_decay: float = 1e-6,
         momentum: float = 0.9,
         lars_trust_coefficient: float = 1e-3,
+        max_consecutive_bad_steps: int = 10,
+        collapse_min_prototypes_used: float = 0.1,
+        collapse_min_entropy: float = 0.3,
     ) -> None:
         super().__init__()
         unknown = set(freeze) - set(PARTS)
@@ -128,6 +161,8 @@ class JointSSL(LightningModule):
             raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
         if min(intra_weight, inter_weight, mask_weight) < 0 or intra_weight + inter_weight + mask_weight == 0:
             raise ValueError("loss weights must be >= 0 and not all 0")
+        if max_consecutive_bad_steps < 1:
+            raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
         self.save_hyperparameters()
         task = dict(
             method=method, hidden_dim=projection_hidden_dim, out_dim=projection_dim, temperature=temperature,
@@ -151,6 +186,10 @@ class JointSSL(LightningModule):
             self._init_from_checkpoint(init_from)
         self._frozen: set[str] = set(freeze)
         self._apply_freeze()
+        self._sample_seed = 0  # set from torch's seed in setup
+        self._consecutive_bad_steps = 0
+        self._skipped_steps = 0
+        self._batch_samples: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
     def _init_from_checkpoint(self, path: str) -> None:
@@ -174,6 +213,8 @@ class JointSSL(LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        # Per-sample choices (slice pairs, masks) are keyed by this seed: seed_everything gives every rank the same.
+        self._sample_seed = torch.initial_seed()
         data = self.trainer.datamodule
         has_volumes = getattr(data, "num_volumes", 0) > 0
         # Parts no active loss uses must not require gradients: DDP would wait for their gradients forever.
@@ -217,6 +258,23 @@ class JointSSL(LightningModule):
                     )
         self.intra.attach_memory(data.num_samples, bank_size=math.ceil((data.num_samples - num_volumes) / world))
         self.inter.attach_memory(data.num_samples, bank_size=math.ceil(max(1, num_volumes) / world))
+        # Queues, memory banks and usage counts are each rank's own: DDP must not overwrite them with rank 0's
+        # copy at every forward (its default `broadcast_buffers`), which it would otherwise do to every buffer.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, self.per_rank_buffer_names()
+        )
+
+    def per_rank_buffer_names(self) -> list[str]:
+        """Buffers whose content differs between ranks by design: SwAV queues (each rank queues its own
+        embeddings), DeepCluster-v2 memory banks (each rank's shard) and the prototype-usage counts."""
+        owners = [
+            name for name, module in self.named_modules() if isinstance(module, (SwAVLoss, DeepClusterMemory))
+        ]
+        names = ["intra_counts", "inter_counts"]
+        for name, _ in self.named_buffers():
+            if any(name.startswith(owner + ".") for owner in owners):
+                names.append(name)
+        return names
 
     def train(self, mode: bool = True) -> JointSSL:
         super().train(mode)
@@ -304,7 +362,7 @@ class JointSSL(LightningModule):
             z_t = z_s.clone()
             z_s[real], z_t[real] = slices_s, slices_t
             if hp.intra_weight > 0:
-                pick = self._pick_slices(real, hp.intra_slices_per_volume)
+                pick = self._pick_slices(real, hp.intra_slices_per_volume, volumes["index"])
                 pair = self.intra.pair_loss(
                     self.intra.project(z_s[pick]), self.intra.project(z_t[pick]), self._use_queue(hp.queue_length)
                 )
@@ -317,7 +375,8 @@ class JointSSL(LightningModule):
                 out["inter"] = result.loss
                 out["inter_assignments"] = result.assignments
             if hp.mask_weight > 0:
-                mask = random_slice_mask(padding, num_slices, batch_size, ratio=hp.mask_ratio, device=z_s.device)
+                draws = keyed_uniform(volumes["index"], num_slices, salt=self._sample_salt(_MASK_SLICES))
+                mask = random_slice_mask(padding, num_slices, batch_size, ratio=hp.mask_ratio, uniform=draws)
                 tokens = self.aggregator(self.aggregator.apply_mask(z_s, mask), padding)
                 out["mask"] = masked_embedding_loss(self.mask_decoder(tokens), z_s, mask)
         if intra_parts:
@@ -327,10 +386,14 @@ class JointSSL(LightningModule):
         out["loss"] = sum(hp[f"{name}_weight"] * out[name] for name in ("intra", "inter", "mask") if name in out)
         return out
 
-    @staticmethod
-    def _pick_slices(real: Tensor, per_volume: int) -> Tensor:
-        """A random subset of at most `per_volume` real slices of each volume (bool [B, N])."""
-        scores = torch.rand(real.shape, device=real.device).masked_fill(~real, -1.0)
+    def _sample_salt(self, purpose: int) -> tuple[int, int, int]:
+        return (self._sample_seed, self.global_step, purpose)
+
+    def _pick_slices(self, real: Tensor, per_volume: int, index: Tensor) -> Tensor:
+        """A random subset of at most `per_volume` real slices of each volume (bool [B, N]), drawn per volume
+        from (seed, step, volume index): the same whether a batch is split between ranks or resumed."""
+        scores = keyed_uniform(index, real.shape[1], salt=self._sample_salt(_PICK_SLICES))
+        scores = scores.to(real.device).masked_fill(~real, -1.0)
         k = min(per_volume, real.shape[1])
         top = scores.topk(k, dim=1).indices
         pick = torch.zeros_like(real)
@@ -377,10 +440,19 @@ class JointSSL(LightningModule):
         if self.hparams.inter_weight > 0 and getattr(self.trainer.datamodule, "num_volumes", 0) > 0:
             self.inter.on_epoch_start(seed=self.current_epoch)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self.intra.before_step()
         self.inter.before_step()
         out = self.compute_losses(batch)
+        # Only the samples' identity is kept (described lazily: no device sync on good steps).
+        self._batch_samples = {k: {"index": v["index"], "source": v.get("source", [])} for k, v in batch.items() if v}
+        bad_terms = self._non_finite_terms(out)
+        if bad_terms:
+            # Returning None makes Lightning skip backward and the optimizer step; every rank agreed on it.
+            self._count_bad_step(f"non-finite loss term(s) {', '.join(bad_terms)}")
+            return None
+        if self._fp16():
+            self._consecutive_bad_steps = 0
         for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
             assignments = out.get(f"{name}_assignments")
             if assignments is not None:
@@ -391,7 +463,53 @@ class JointSSL(LightningModule):
                 self.log(f"train/loss_{name}", out[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/loss", out["loss"], batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch_size)
         return out["loss"]
+
+    # ------------------------------------------------------------------ numerics guard
+    def _non_finite_terms(self, out: dict[str, Tensor]) -> list[str]:
+        """Loss terms that are not finite on any rank (one small all-reduce, so that all ranks skip together)."""
+        names = [name for name in ("intra", "inter", "mask") if name in out]
+        bad = torch.stack([~torch.isfinite(out[name].detach()).all() for name in names]).to(torch.int32)
+        bad = distributed.all_reduce_max(bad)
+        return [f"L_{name}" for name, flag in zip(names, bad.tolist()) if flag]
+
+    def _fp16(self) -> bool:
+        return str(self.trainer.precision).startswith("16")
+
+    def _count_bad_step(self, what: str) -> None:
+        self._skipped_steps += 1
+        self._consecutive_bad_steps += 1
+        message = (
+            f"{what} at global step {self.global_step} (epoch {self.current_epoch}); step skipped "
+            f"({self._consecutive_bad_steps} in a row, {self._skipped_steps} in this run); batch: "
+            f"{describe_batch(self._batch_samples)}"
+        )
+        if self._consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
+            raise NonFiniteTrainingError(
+                f"stopping: {self._consecutive_bad_steps} consecutive non-finite steps "
+                f"(max_consecutive_bad_steps={self.hparams.max_consecutive_bad_steps}); last: {message}"
+            )
+        log.warning(message)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # fp16: the gradient scaler skips steps with non-finite gradients itself (and must see them to lower its
+        # scale); a skipped loss left no gradients at all.
+        if self._fp16():
+            return
+        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        # DDP has already averaged the gradients, so every rank reaches the same verdict here.
+        norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
+        if bool(torch.isfinite(norms).all()):
+            self._consecutive_bad_steps = 0
+            return
+        bad = [name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
+        # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay).
+        optimizer.zero_grad(set_to_none=True)
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        self._count_bad_step(f"non-finite gradient of {shown}")
 
     @staticmethod
     def _batch_size(batch: dict[str, Any]) -> int:
@@ -410,12 +528,33 @@ class JointSSL(LightningModule):
             probs = counts / counts.sum()
             nonzero = probs[probs > 0]
             entropy = -(nonzero * nonzero.log()).sum() / math.log(max(2, counts.numel()))
-            self.log(f"train/{name}_prototypes_used", (counts > 0).float().mean())
+            used = (counts > 0).float().mean()
+            self.log(f"train/{name}_prototypes_used", used)
             self.log(f"train/{name}_assignment_entropy", entropy)
+            # The largest cluster's share of the epoch's assignments: 1.0 means everything fell into one.
+            self.log(f"train/{name}_largest_cluster_fraction", probs.max())
+            hp = self.hparams
+            if used < hp.collapse_min_prototypes_used or entropy < hp.collapse_min_entropy:
+                log.warning(
+                    "collapse alarm (%s, epoch %d): %.1f%% of %d prototypes used (alarm below %.1f%%), assignment "
+                    "entropy %.3f (alarm below %.3f), largest cluster %.1f%% of assignments",
+                    name, self.current_epoch, 100 * float(used), counts.numel(), 100 * hp.collapse_min_prototypes_used,
+                    float(entropy), hp.collapse_min_entropy, 100 * float(probs.max()),
+                )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["jointssl_format_version"] = CHECKPOINT_FORMAT_VERSION
+        # Every rank runs this hook (only rank 0 writes the file), so each rank's own queues and banks can be
+        # gathered: the state_dict alone holds rank 0's, and a resumed run needs every rank's back.
+        buffers = dict(self.named_buffers())
+        gathered = {
+            name: distributed.all_gather_cat(buffers[name].detach().unsqueeze(0)).cpu()
+            for name in self.per_rank_buffer_names()
+        }
+        checkpoint[RANK_STATE_KEY] = [
+            {name: stacked[r] for name, stacked in gathered.items()} for r in range(distributed.world_size())
+        ]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         version = checkpoint.get("jointssl_format_version")
@@ -423,3 +562,29 @@ class JointSSL(LightningModule):
             raise ValueError(
                 f"checkpoint format version {version!r} is not the {CHECKPOINT_FORMAT_VERSION} this jointssl reads"
             )
+        self._restore_rank_state(checkpoint)
+
+    def _restore_rank_state(self, checkpoint: dict[str, Any]) -> None:
+        """Put this rank's queues, banks and counts into the checkpoint's state_dict before Lightning loads it
+        (this hook runs first). A checkpoint from another number of ranks cannot be split the same way: the
+        queues and banks then restart empty (banks are refilled before training) and k-means labels are kept."""
+        states = checkpoint.get(RANK_STATE_KEY)
+        if not states:
+            return
+        state_dict = checkpoint["state_dict"]
+        buffers = dict(self.named_buffers())
+        world = distributed.world_size()
+        if len(states) == world:
+            own = states[distributed.rank()]
+        else:
+            own = {name: buffers[name].detach().clone() for name in self.per_rank_buffer_names()
+                   if not name.endswith(".labels")}
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: SwAV queues restart empty and DeepCluster-v2 "
+                "memory banks are refilled", len(states), world,
+            )
+        for name, value in own.items():
+            if name in state_dict:
+                state_dict[name] = value
+            elif name in buffers:  # non-persistent (usage counts): not part of the state_dict
+                buffers[name].copy_(value)

@@ -137,9 +137,9 @@ def test_cluster_labels_the_banked_samples_and_only_them():
     not_banked = torch.tensor([i for i in range(20) if i not in banked.tolist()])
     assert (memory.labels[:, not_banked] == -1).all()
     for head, num_clusters in enumerate((3, 2, 4)):
-        # Head h clusters crop h % num_crops, seeded per head.
+        # Head h clusters crop h % num_crops, seeded per head, initialised by sample index.
         expected = spherical_kmeans(
-            embeddings_for(banked, 2, 4)[head % 2], num_clusters, iterations=3, seed=4 * 3 + head
+            embeddings_for(banked, 2, 4)[head % 2], num_clusters, iterations=3, seed=4 * 3 + head, keys=banked
         )
         torch.testing.assert_close(centroids[head], expected.centroids)
         assert torch.equal(memory.labels[head, banked], expected.assignments)
@@ -153,7 +153,7 @@ def test_a_sample_banked_twice_takes_its_first_label():
     embeddings = embeddings_for(torch.tensor([1, 9, 3, 8]), 2, 4)  # sample 4 seen twice, differently
     memory.update(indices, embeddings)
     memory.cluster(seed=0)
-    expected = spherical_kmeans(embeddings[0], 2, iterations=3, seed=0).assignments
+    expected = spherical_kmeans(embeddings[0], 2, iterations=3, seed=0, keys=indices).assignments
     assert int(memory.labels[0, 4]) == int(expected[0])
 
 

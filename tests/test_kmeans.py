@@ -141,3 +141,19 @@ def test_rejects_too_few_points_and_bad_arguments():
         spherical_kmeans(torch.randn(10, 4), 2, init_centroids=torch.randn(3, 4))
     with pytest.raises(ValueError):
         spherical_kmeans(torch.randn(10, 4), 2, chunk_size=0)
+
+
+def test_keyed_initialisation_does_not_depend_on_row_order() -> None:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 8, generator=generator)
+    keys = torch.arange(1000, 1300)
+    order = torch.randperm(300, generator=generator)
+    first = spherical_kmeans(points, 12, iterations=5, seed=3, keys=keys)
+    shuffled = spherical_kmeans(points[order], 12, iterations=5, seed=3, keys=keys[order])
+    torch.testing.assert_close(shuffled.centroids, first.centroids)
+    assert torch.equal(shuffled.assignments, first.assignments[order])
+    # Without keys the choice follows the positions, so a permutation starts k-means elsewhere.
+    unkeyed = spherical_kmeans(points[order], 12, iterations=0, seed=3)
+    assert not torch.allclose(unkeyed.centroids, spherical_kmeans(points, 12, iterations=0, seed=3).centroids)
+    with pytest.raises(ValueError, match="keys must be"):
+        spherical_kmeans(points, 12, keys=keys[:5])

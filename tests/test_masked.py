@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jointssl.losses.masked import masked_embedding_loss, random_slice_mask
+from jointssl.losses.masked import keyed_uniform, masked_embedding_loss, random_slice_mask
 
 
 def trailing_padding(lengths: list[int], num_slices: int) -> torch.Tensor:
@@ -85,3 +85,17 @@ def test_loss_is_float32_for_bfloat16_inputs():
     assert loss.dtype == torch.float32
     expected = (predicted.float()[mask] - target.float()[mask]).pow(2).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_keyed_uniform_rows_depend_only_on_their_key_and_salt() -> None:
+    keys = torch.tensor([5, 9, 12, 40])
+    whole = keyed_uniform(keys, 7, salt=(0, 3))
+    halves = torch.cat([keyed_uniform(keys[:2], 7, salt=(0, 3)), keyed_uniform(keys[2:], 7, salt=(0, 3))])
+    assert torch.equal(whole, halves)  # a batch split between ranks draws the same numbers
+    assert torch.equal(keyed_uniform(keys.flip(0), 7, salt=(0, 3)), whole.flip(0))
+    assert not torch.equal(keyed_uniform(keys, 7, salt=(0, 4)), whole)  # another step, other draws
+    assert whole.shape == (4, 7) and 0 <= whole.min() and whole.max() < 1
+    mask = random_slice_mask(None, 7, 4, ratio=0.3, uniform=whole)
+    assert torch.equal(mask, random_slice_mask(None, 7, 4, ratio=0.3, uniform=halves))
+    with pytest.raises(ValueError, match="uniform must be"):
+        random_slice_mask(None, 8, 4, uniform=whole)

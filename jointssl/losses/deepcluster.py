@@ -117,6 +117,8 @@ class DeepClusterMemory(nn.Module):
         keep = min(batch_size, self.bank_size)
         new_indices = indices[batch_size - keep :]
         new_embeddings = torch.stack([crop.detach()[batch_size - keep :] for crop in embeddings])
+        # Non-finite rows (a step the trainer will skip) are stored as zeros: k-means must stay finite.
+        new_embeddings = new_embeddings.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         rows = (self.write_position + torch.arange(keep, device=self.indices.device)) % self.bank_size
         self.indices[rows] = new_indices.to(self.indices.device, torch.long)
         self.embeddings[:, rows] = new_embeddings.to(self.embeddings.device, self.embeddings.dtype)
@@ -146,8 +148,10 @@ class DeepClusterMemory(nn.Module):
         for head, num_clusters in enumerate(self.num_prototypes):
             bank = self.embeddings[head % self.num_crops][filled]
             # Distinct seeds per head and per call, so the heads start from different rows.
+            # Keyed by sample index: the clusters do not depend on how samples are spread over ranks and banks.
             result = spherical_kmeans(
-                bank, num_clusters, iterations=self.kmeans_iterations, seed=seed * self.num_heads + head
+                bank, num_clusters, iterations=self.kmeans_iterations, seed=seed * self.num_heads + head,
+                keys=bank_indices,
             )
             all_assignments = all_gather_cat(result.assignments)
             self.labels[head, unique_indices] = all_assignments[first_occurrence]

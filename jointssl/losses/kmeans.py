@@ -41,6 +41,7 @@ def spherical_kmeans(
     seed: int = 0,
     init_centroids: Tensor | None = None,
     chunk_size: int | None = None,
+    keys: Tensor | None = None,
 ) -> KMeansResult:
     """Spherical k-means (cosine similarity) over the embeddings of all ranks.
 
@@ -51,6 +52,10 @@ def spherical_kmeans(
         iterations: assignment + update steps; the returned assignments are then recomputed against the final
             centroids (as in the DeepCluster-v2 reference).
         seed: seeds the choice of the K distinct global rows that initialise the centroids.
+        keys: [N_local] distinct integer ids of the rows (global sample indices). With keys, the initial rows
+            are chosen by (seed, key) alone, so the result does not depend on how the rows are split between
+            ranks or ordered (two ranks with half the samples each cluster exactly as one process with all);
+            without, by position in the rank-ordered concatenation.
         init_centroids: [K, D] starting centroids (same on every rank) instead of the seeded choice.
         chunk_size: rows scored against the centroids at once (bounds the [chunk, K] score matrix); by default
             chosen from K and the device.
@@ -67,7 +72,7 @@ def spherical_kmeans(
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         points = F.normalize(embeddings.detach().float(), dim=1)
         if init_centroids is None:
-            centroids = _seeded_initial_centroids(points, num_clusters, seed)
+            centroids = _seeded_initial_centroids(points, num_clusters, seed, keys)
         else:
             if tuple(init_centroids.shape) != (num_clusters, points.shape[1]):
                 raise ValueError(
@@ -89,22 +94,38 @@ def spherical_kmeans(
     return KMeansResult(centroids=centroids, assignments=assignments)
 
 
+def _keyed_hash(keys: Tensor, seed: int) -> Tensor:
+    """A well-mixed 62-bit hash of (seed, key) per key (splitmix64's finaliser, in wrapping int64 arithmetic)."""
+    x = keys * -7046029254386353131 + (seed * 0x2545F491 + 0x632BE59B)  # golden-ratio multiply, seed offset
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * -4658895280553007687
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    return x & 0x3FFFFFFFFFFFFFFF
+
+
 def _default_chunk_size(num_clusters: int, device: torch.device) -> int:
     elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
     return max(1, elements // num_clusters)
 
 
-def _seeded_initial_centroids(points: Tensor, num_clusters: int, seed: int) -> Tensor:
-    """K distinct rows of the global (rank-ordered) concatenation, the same on every rank."""
+def _seeded_initial_centroids(points: Tensor, num_clusters: int, seed: int, keys: Tensor | None = None) -> Tensor:
+    """K distinct rows of the global (rank-ordered) concatenation, the same on every rank: a seeded random
+    choice by position, or with `keys` the K rows of lowest seeded hash of their key (in that order)."""
     local_count = torch.tensor([points.shape[0]], dtype=torch.long, device=points.device)
     counts_per_rank = all_gather_cat(local_count).tolist()
     total = sum(counts_per_rank)
     if total < num_clusters:
         raise ValueError(f"k-means needs at least num_clusters={num_clusters} embeddings, got {total} in all")
     offset = sum(counts_per_rank[: rank()])
-    # A CPU generator: the same permutation on every rank whatever its device.
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(total, generator=generator)[:num_clusters].to(points.device)
+    if keys is None:
+        # A CPU generator: the same permutation on every rank whatever its device.
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(total, generator=generator)[:num_clusters].to(points.device)
+    else:
+        if keys.shape != (points.shape[0],):
+            raise ValueError(f"keys must be [{points.shape[0]}], got shape {tuple(keys.shape)}")
+        priorities = all_gather_cat(_keyed_hash(keys.to(points.device, torch.long), seed))
+        chosen = priorities.argsort(stable=True)[:num_clusters]
     local_rows = chosen - offset
     owned = (local_rows >= 0) & (local_rows < points.shape[0])
     centroids = points.new_zeros((num_clusters, points.shape[1]))

@@ -111,7 +111,10 @@ class SwAVLoss(nn.Module):
         if self.queue_length == 0:
             return
         queue = self.queue[slot]
-        shifted = torch.cat([crop_embeddings.detach().to(queue.dtype), queue])[: self.queue_length]
+        # Non-finite rows (a step the trainer will skip) enter as zeros (uniform scores), or one bad batch would
+        # poison the codes of every later step through the queue.
+        rows = crop_embeddings.detach().to(queue.dtype).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        shifted = torch.cat([rows, queue])[: self.queue_length]
         queue.copy_(shifted)
 
     def _check_inputs(self, embeddings: Sequence[Tensor], prototypes: Tensor) -> None:
