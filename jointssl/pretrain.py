@@ -71,8 +71,10 @@ class JointSSL(LightningModule):
         temperature: softmax temperature of the prototype scores.
         sinkhorn_epsilon: entropic regularisation of Sinkhorn-Knopp (SwAV).
         sinkhorn_iterations: Sinkhorn-Knopp iterations (SwAV).
-        queue_length: SwAV queue of past 2D embeddings per assigned crop (0: none). Helps small batches.
-        queue_length_3d: SwAV queue of past volume embeddings (volume batches are small: keep one).
+        queue_length: SwAV queue of past 2D embeddings per assigned crop (0: none), in total over all ranks: each
+            rank keeps queue_length / world_size rows (as the reference), so a config means the same on any number
+            of devices. Helps small batches.
+        queue_length_3d: SwAV queue of past volume embeddings (volume batches are small: keep one); also a total.
         queue_start_epoch: the epoch from which the queues are used for computing codes.
         freeze_prototypes_steps: SwAV prototypes receive no update during the first steps (stabilises start).
         kmeans_iterations: spherical k-means iterations per epoch (DeepCluster-v2).
@@ -102,7 +104,8 @@ class JointSSL(LightningModule):
         momentum: SGD momentum.
         lars_trust_coefficient: LARS trust coefficient (eta); 0 disables the LARS adaptation (plain SGD).
         max_consecutive_bad_steps: a step whose loss (any term, on any rank) or gradient is not finite is skipped
-            (no weight, momentum or BatchNorm-free update; counted in ``train/skipped_steps``); this many skipped
+            (no weight or momentum update, though it counts towards ``max_steps`` and the learning-rate schedule;
+            counted in ``train/skipped_steps``); this many skipped
             steps in a row stop the run with `NonFiniteTrainingError` naming the loss term and the batch's samples.
             With fp16 mixed precision, non-finite gradients are left to the gradient scaler (they are expected
             while it finds its scale); non-finite losses are still skipped.
@@ -189,6 +192,7 @@ class JointSSL(LightningModule):
         self._sample_seed = 0  # set from torch's seed in setup
         self._consecutive_bad_steps = 0
         self._skipped_steps = 0
+        self._skip_optimizer_step = False
         self._batch_samples: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -256,6 +260,10 @@ class JointSSL(LightningModule):
                         f"DeepCluster-v2 needs at least as many {what} as prototypes per head: {count} < "
                         f"{max(prototypes)}; lower num_prototypes{'_3d' if task == 'inter' else ''} or add data"
                     )
+        for task, total in (("intra", self.hparams.queue_length), ("inter", self.hparams.queue_length_3d)):
+            per_rank = getattr(self, task).shard_queues(world)
+            if per_rank * world != total and total > 0:
+                log.info("%s SwAV queue: %d rows per rank x %d ranks (of %d configured)", task, per_rank, world, total)
         self.intra.attach_memory(data.num_samples, bank_size=math.ceil((data.num_samples - num_volumes) / world))
         self.inter.attach_memory(data.num_samples, bank_size=math.ceil(max(1, num_volumes) / world))
         # Queues, memory banks and usage counts are each rank's own: DDP must not overwrite them with rank 0's
@@ -443,14 +451,19 @@ class JointSSL(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self.intra.before_step()
         self.inter.before_step()
+        self._snapshot_norm_statistics()
         out = self.compute_losses(batch)
         # Only the samples' identity is kept (described lazily: no device sync on good steps).
         self._batch_samples = {k: {"index": v["index"], "source": v.get("source", [])} for k, v in batch.items() if v}
         bad_terms = self._non_finite_terms(out)
         if bad_terms:
-            # Returning None makes Lightning skip backward and the optimizer step; every rank agreed on it.
+            # Every rank agreed to skip. Lightning refuses a None loss under DDP, so backward runs on an exact zero
+            # that reaches every trainable parameter (DDP's reducer expects all of them; the NaN graph is never
+            # touched) and on_before_optimizer_step then removes the gradients, so the optimizer updates nothing.
             self._count_bad_step(f"non-finite loss term(s) {', '.join(bad_terms)}")
-            return None
+            self._restore_norm_statistics()
+            self._skip_optimizer_step = True
+            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         if self._fp16():
             self._consecutive_bad_steps = 0
         for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
@@ -474,6 +487,28 @@ class JointSSL(LightningModule):
         bad = distributed.all_reduce_max(bad)
         return [f"L_{name}" for name, flag in zip(names, bad.tolist()) if flag]
 
+    def _norm_statistics(self) -> list[Tensor]:
+        return [
+            buffer for module in self.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None
+        ]
+
+    def _snapshot_norm_statistics(self) -> None:
+        """BatchNorm running statistics before the forward pass: a skipped step must not leave its NaN batch
+        statistics in them (training would go on, but every evaluation-mode use of the encoder would be NaN)."""
+        statistics = self._norm_statistics()
+        if not statistics:
+            return
+        if len(getattr(self, "_norm_snapshot", ())) != len(statistics):
+            self._norm_snapshot = [buffer.clone() for buffer in statistics]
+        else:
+            torch._foreach_copy_(self._norm_snapshot, statistics)
+
+    def _restore_norm_statistics(self) -> None:
+        statistics = self._norm_statistics()
+        if statistics:
+            torch._foreach_copy_(statistics, self._norm_snapshot)
+
     def _fp16(self) -> bool:
         return str(self.trainer.precision).startswith("16")
 
@@ -493,8 +528,13 @@ class JointSSL(LightningModule):
         log.warning(message)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_optimizer_step:
+            # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay).
+            self._skip_optimizer_step = False
+            optimizer.zero_grad(set_to_none=True)
+            return
         # fp16: the gradient scaler skips steps with non-finite gradients itself (and must see them to lower its
-        # scale); a skipped loss left no gradients at all.
+        # scale).
         if self._fp16():
             return
         named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
@@ -506,7 +546,6 @@ class JointSSL(LightningModule):
             self._consecutive_bad_steps = 0
             return
         bad = [name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
-        # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay).
         optimizer.zero_grad(set_to_none=True)
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         self._count_bad_step(f"non-finite gradient of {shown}")
@@ -529,10 +568,11 @@ class JointSSL(LightningModule):
             nonzero = probs[probs > 0]
             entropy = -(nonzero * nonzero.log()).sum() / math.log(max(2, counts.numel()))
             used = (counts > 0).float().mean()
-            self.log(f"train/{name}_prototypes_used", used)
-            self.log(f"train/{name}_assignment_entropy", entropy)
+            # Computed from all-reduced counts: the same on every rank (sync_dist averages identical values).
+            self.log(f"train/{name}_prototypes_used", used, sync_dist=True)
+            self.log(f"train/{name}_assignment_entropy", entropy, sync_dist=True)
             # The largest cluster's share of the epoch's assignments: 1.0 means everything fell into one.
-            self.log(f"train/{name}_largest_cluster_fraction", probs.max())
+            self.log(f"train/{name}_largest_cluster_fraction", probs.max(), sync_dist=True)
             hp = self.hparams
             if used < hp.collapse_min_prototypes_used or entropy < hp.collapse_min_entropy:
                 log.warning(

@@ -114,12 +114,15 @@ def test_grouped_argmax_equals_plain_argmax_path():
     assert torch.equal(grouped, plain)
 
 
-def test_low_precision_input_degenerate_rows_and_no_nan():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_degenerate_rows_and_no_nan(dtype):
     generator = torch.Generator().manual_seed(7)
     points = torch.randn(40, 8, generator=generator)
     points[5] = 0.0  # a zero embedding
     points[10:20] = points[9]  # duplicates
-    result = spherical_kmeans(points.bfloat16(), 40, iterations=3, seed=0)  # K = N: clusters of one or none
+    points[30] = 6e4  # at the top of float16's range: squares overflow if normalised in low precision
+    points[31] = 1e-7  # float16 subnormals
+    result = spherical_kmeans(points.to(dtype), 40, iterations=3, seed=0)  # K = N: clusters of one or none
     assert result.centroids.dtype == torch.float32 and torch.isfinite(result.centroids).all()
     assert result.assignments.dtype == torch.long and result.assignments.shape == (40,)
     norms = result.centroids.norm(dim=1)

@@ -108,7 +108,7 @@ def _adversarial_scores() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(_adversarial_scores()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_adversarial_scores_give_valid_codes(name, dtype):
     scores = _adversarial_scores()[name].to(dtype)
     codes = sinkhorn_knopp(scores)

@@ -60,6 +60,7 @@ class ClusteringTask(nn.Module):
             )
             self.swav = SwAVLoss(**swav)
             self.pair_swav = SwAVLoss(**swav)
+            self.configured_queue_length = queue_length
         else:
             self.deepcluster = DeepClusterV2Loss(temperature=temperature)
             # DeepCluster-v2's prototypes are the k-means centroids: never trained by gradient.
@@ -80,6 +81,17 @@ class ClusteringTask(nn.Module):
             num_prototypes=self.num_prototypes,
             kmeans_iterations=self.kmeans_iterations,
         ).to(device)
+
+    def shard_queues(self, world_size: int) -> int:
+        """SwAV: each rank keeps 1/world_size of the configured queue length (as the reference), so the queues of
+        all ranks together hold the configured number of rows. Returns the per-rank length."""
+        if self.method != "swav" or self.swav.queue_length == 0:
+            return 0
+        per_rank = self.configured_queue_length // world_size
+        for loss in (self.swav, self.pair_swav):
+            if loss.queue_length != per_rank:
+                loss.resize_queue(per_rank)
+        return per_rank
 
     def project(self, features: Tensor) -> Tensor:
         return self.projection(features)

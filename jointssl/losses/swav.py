@@ -59,6 +59,14 @@ class SwAVLoss(nn.Module):
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, embedding_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
+    def resize_queue(self, queue_length: int) -> None:
+        """Empty the queue and give it `queue_length` rows (e.g. this rank's share of a global queue length)."""
+        if queue_length < 0:
+            raise ValueError(f"queue_length must be >= 0, got {queue_length}")
+        self.queue_length = queue_length
+        self.queue = self.queue.new_zeros(len(self.crops_for_assign), queue_length, self.embedding_dim)
+        self.queue_filled.zero_()
+
     def queue_is_full(self) -> bool:
         """True once every queue row holds an embedding (reads a device scalar: one sync on GPU)."""
         return self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
