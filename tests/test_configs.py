@@ -45,3 +45,37 @@ def test_command_line_overrides_config(tmp_path: Path, monkeypatch: pytest.Monke
     )
     assert cli.model.hparams.temperature == 0.2
     assert cli.datamodule.batch_size == 8
+
+
+TRAINER_FRAGMENTS = sorted((REPO_ROOT / "configs" / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("fragment", TRAINER_FRAGMENTS, ids=lambda p: p.name)
+def test_trainer_fragment_combines_with_a_pretraining_config(fragment: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--trainer configs/trainer/X.yaml` merges into a full config. GPU-only settings are overridden by the CPU
+    values the fragment's own comments give, so every other key of the fragment is still instantiated here."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), "--trainer", str(fragment), "--trainer.logger=false"]
+    text = fragment.read_text()
+    if "accelerator: gpu" in text:
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+                 "--trainer.sync_batchnorm=false"]
+    if "SLURMEnvironment" in text:
+        # What srun gives a one-task job step; outside such a step the environment plugin cannot start.
+        for name, value in {"SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
+                            "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "test",
+                            "SLURM_NODELIST": "127.0.0.1"}.items():
+            monkeypatch.setenv(name, value)
+    cli = instantiate(*args)
+    assert isinstance(cli.trainer, Trainer)
+    assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    if "strategy: ddp" in text:
+        assert cli.trainer.strategy.__class__.__name__ == "DDPStrategy"
+
+
+def test_gpu_fragment_asks_for_what_the_issue_promises() -> None:
+    import yaml
+
+    gpu = yaml.safe_load((REPO_ROOT / "configs" / "trainer" / "gpu.yaml").read_text())
+    assert gpu == {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "sync_batchnorm": True,
+                   "precision": "bf16-mixed"}
