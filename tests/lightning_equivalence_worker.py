@@ -96,7 +96,8 @@ class RecordLoss(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Logged with sync_dist=True: the mean over ranks, i.e. the loss of the whole global batch.
-        self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")})
+        self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("train/loss") or k == "train/lr"})
 
 
 def main() -> None:

@@ -39,7 +39,12 @@ def test_two_processes_with_half_batches_train_like_one_process(method: str, tmp
     assert single["global_step"] == double["global_step"] == STEPS
     assert len(single["losses"]) == len(double["losses"]) == STEPS
     for step, (one, two) in enumerate(zip(single["losses"], double["losses"])):
-        assert set(one) == {"train/loss", "train/loss_intra", "train/loss_inter", "train/loss_mask"}
+        assert set(one) == {"train/loss", "train/loss_intra", "train/loss_inter", "train/loss_mask", "train/lr"}
+        # The linear scaling rule follows the global batch (2 x 4 = 1 x 8 samples): base_lr 0.05 x 8 / 16, then
+        # the cosine schedule (no warm-up).
+        assert two["train/lr"] == pytest.approx(one["train/lr"]) and one["train/lr"] <= 0.025 + 1e-9
+        if step == 0:
+            assert one["train/lr"] == pytest.approx(0.025)
         for name in one:
             assert two[name] == pytest.approx(one[name], abs=1e-4), f"step {step}: {name}"
     # The losses moved: the comparison is not between two untrained models.
