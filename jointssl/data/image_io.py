@@ -13,7 +13,8 @@ them directly keeps the orientation obvious and the intensity handling in one pl
 Intensity rules:
 
 - 8-bit PNG/JPEG: value / 255. Colour (RGB, RGBA, palette, CMYK) becomes luma 0.299 R + 0.587 G + 0.114 B
-  (ITU-R 601, what PIL's ``convert("L")`` uses, but without rounding); alpha is ignored.
+  (ITU-R 601, what PIL's ``convert("L")`` uses, but without rounding); alpha is ignored (not composited: a
+  transparent pixel keeps its colour's grey value).
 - 16-bit grayscale PNG: value / (2**bits - 1), where ``bits`` is the PNG's declared significant bits (sBIT chunk)
   when present, otherwise the smallest of 8, 10, 12, 14, 16 bits that holds the image's maximum. Medical 16-bit
   PNGs usually carry 10-14 bit data; dividing by 65535 would make them nearly black, while per-image min-max
@@ -22,17 +23,23 @@ Intensity rules:
   first WindowCenter/WindowWidth pair (LINEAR, LINEAR_EXACT or SIGMOID per VOILUTFunction), else the first VOI LUT
   Sequence item, else a robust min-max between the 0.5th and 99.5th percentiles -> MONOCHROME1 is inverted
   (1 - x) so that bright always means high attenuation/signal, as in MONOCHROME2.
+
+Conversions that lose information or rest on a guess are returned as notes by :func:`decode_image_2d` (and
+printed as warnings by ``jointssl check-data``): colour that is not grey, a partly transparent alpha channel, a
+16-bit PNG whose bit depth was inferred from its maximum, content that does not match the extension.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from jointssl.data.errors import BadFileError
+from jointssl.data.file_checks import folder_problem, require_regular_file
 
 PIL_FORMAT_BY_EXTENSION = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
@@ -52,15 +59,24 @@ _STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 def detect_format(path: str | Path) -> str:
     """Which decoder a file needs: ``"PNG"``, ``"JPEG"`` or ``"DICOM"``. Content (file signature) wins over the
-    extension, so a JPEG saved as ``.png`` or an extensionless DICOM (``CT.1.2.840...``) still decodes."""
+    extension, so a JPEG saved as ``.png`` or an extensionless DICOM (``CT.1.2.840...``) still decodes.
+
+    Raises :class:`BadFileError` for anything that is not a readable, non-empty regular file (folders, pipes,
+    broken or looping links, unreadable files) and for unsupported content; never opens a non-regular file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise BadFileError(path, "not a regular file" if path.exists() else "file not found")
-    size = path.stat().st_size
+    if path.is_dir():
+        problem = folder_problem(path)
+        if problem is not None:
+            raise BadFileError(path, f"not a regular file: a folder whose images cannot be listed ({problem})")
+    size = require_regular_file(path, "an image file").st_size
     if size == 0:
         raise BadFileError(path, "empty file (0 bytes)")
-    with open(path, "rb") as f:
-        head = f.read(_DICM_OFFSET + 4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_DICM_OFFSET + 4)
+    except OSError as error:
+        raise BadFileError(path, f"cannot read the file ({type(error).__name__}: {error.strerror})") from None
     if head[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM":
         return "DICOM"
     if head.startswith(_PNG_SIGNATURE):
@@ -81,19 +97,43 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded 2D image and the notes on how it was converted (see :func:`decode_image_2d`)."""
+
+    array: np.ndarray  # float32 [H, W] in [0, 1]
+    file_format: str  # "PNG", "JPEG" or "DICOM", from the content
+    notes: tuple[str, ...] = ()
+
+
 def load_image_2d(path: str | Path) -> np.ndarray:
     """Decode one 2D image to float32 ``[H, W]`` in [0, 1] (rows top->bottom, columns left->right).
 
     Raises :class:`BadFileError` for empty, truncated, corrupt, non-image, multi-frame and unsupported files.
     """
+    return decode_image_2d(path).array
+
+
+def decode_image_2d(path: str | Path) -> DecodedImage:
+    """:func:`load_image_2d` plus notes on conversions a researcher should know about: colour converted to grey,
+    a partly transparent alpha channel ignored, a 16-bit PNG scaled by a bit depth inferred from its maximum, or
+    content that does not match the extension (e.g. a JPEG named ``.png``). Clean grey images have no notes."""
     path = Path(path)
     file_format = detect_format(path)
-    image = _load_dicom(path) if file_format == "DICOM" else _load_pil(path, file_format)
+    notes: list[str] = []
+    expected = PIL_FORMAT_BY_EXTENSION.get(path.suffix.lower()) or (
+        "DICOM" if path.suffix.lower() in DICOM_EXTENSIONS else None
+    )
+    if expected is not None and expected != file_format:
+        notes.append(
+            f"the content is {file_format} although the extension is '{path.suffix}': decoded as {file_format}"
+        )
+    image = _load_dicom(path, notes) if file_format == "DICOM" else _load_pil(path, file_format, notes)
     if image.ndim != 2 or min(image.shape) < 1:
         raise BadFileError(path, f"decoded to an array of shape {tuple(image.shape)}, expected [H, W]")
     if not np.isfinite(image).all():
         raise BadFileError(path, "decoded pixel values contain NaN or infinity")
-    return np.ascontiguousarray(image, dtype=np.float32)
+    return DecodedImage(np.ascontiguousarray(image, dtype=np.float32), file_format, tuple(notes))
 
 
 def check_image_size(path: str | Path, image: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> None:
@@ -108,7 +148,7 @@ def check_image_size(path: str | Path, image: np.ndarray, min_side: int = MIN_IM
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _load_pil(path: Path, file_format: str) -> np.ndarray:
+def _load_pil(path: Path, file_format: str, notes: list[str]) -> np.ndarray:
     try:
         with Image.open(path, formats=[file_format]) as image:
             frames = getattr(image, "n_frames", 1)
@@ -117,34 +157,62 @@ def _load_pil(path: Path, file_format: str) -> np.ndarray:
             # load() decodes all pixel data; with PIL's default LOAD_TRUNCATED_IMAGES=False a truncated file raises
             # here instead of being silently padded with grey.
             image.load()
-            return _pil_to_gray(image, path)
+            return _pil_to_gray(image, path, notes)
     except BadFileError:
         raise
     except Exception as exc:  # corrupt data surfaces as OSError, SyntaxError, zlib/struct errors...
         raise BadFileError(path, f"cannot decode {file_format}: {type(exc).__name__}: {exc}") from exc
 
 
-def _pil_to_gray(image: Image.Image, path: Path) -> np.ndarray:
+def _pil_to_gray(image: Image.Image, path: Path, notes: list[str]) -> np.ndarray:
     mode = image.mode
     if mode == "L":
         return np.asarray(image, dtype=np.float32) / 255.0
     if mode == "1":
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     if mode == "LA":
-        return np.asarray(image, dtype=np.float32)[..., 0] / 255.0
+        grey_alpha = np.asarray(image, dtype=np.float32)
+        _note_alpha(grey_alpha[..., 1], mode, notes)
+        return grey_alpha[..., 0] / 255.0
     if mode.startswith("I;16") or mode == "I":
-        return _sixteen_bit_to_unit(np.asarray(image), path)
+        return _sixteen_bit_to_unit(np.asarray(image), path, notes)
     if mode in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        if image.has_transparency_data:
+            _note_alpha(np.asarray(image.convert("RGBA"))[..., 3], mode, notes)
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+        _note_colour(rgb, mode, notes)
         return (rgb @ _LUMA_WEIGHTS) / 255.0
     raise BadFileError(path, f"unsupported PIL image mode '{mode}'")
 
 
-def _sixteen_bit_to_unit(values: np.ndarray, path: Path) -> np.ndarray:
+def _note_alpha(alpha: np.ndarray, mode: str, notes: list[str]) -> None:
+    """Alpha is ignored; say so when it actually hides something (an opaque alpha channel changes nothing)."""
+    transparent = float(np.mean(alpha < 255))
+    if transparent > 0:
+        notes.append(
+            f"{mode} image with an alpha channel ({transparent:.0%} of pixels not opaque): alpha ignored, "
+            "transparent pixels keep the grey value of their colour"
+        )
+
+
+def _note_colour(rgb: np.ndarray, mode: str, notes: list[str]) -> None:
+    """Grey images saved as RGB convert without loss; real colour is reduced to luma, which is worth a note."""
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+        notes.append(f"{mode} colour image converted to grey (luma 0.299 R + 0.587 G + 0.114 B)")
+
+
+def _sixteen_bit_to_unit(values: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
     values = values.astype(np.float32)
     if values.min() < 0:
         raise BadFileError(path, "16-bit image has negative values")
-    bits = _png_significant_bits(path) or _bits_holding(float(values.max()))
+    declared = _png_significant_bits(path)
+    bits = declared or _bits_holding(float(values.max()))
+    if declared is None:
+        # Two images of one acquisition with different maxima can get different scales: worth a warning.
+        notes.append(
+            f"16-bit grey PNG without an sBIT chunk: scaled to [0, 1] by 1/(2**{bits} - 1), {bits} bits inferred "
+            f"from its maximum {values.max():g}"
+        )
     return np.clip(values / float(2**bits - 1), 0.0, 1.0)
 
 
@@ -178,7 +246,7 @@ def _png_significant_bits(path: Path) -> int | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _load_dicom(path: Path) -> np.ndarray:
+def _load_dicom(path: Path, notes: list[str]) -> np.ndarray:
     # Imported lazily: pydicom is only needed when DICOM files are present.
     import pydicom
     from pydicom.pixels import apply_modality_lut
@@ -209,6 +277,7 @@ def _load_dicom(path: Path) -> np.ndarray:
                 path, f"{photometric} DICOM decoded to shape {pixels.shape}, expected [H, W, 3]"
             )
         bits = int(dataset.get("BitsStored", 8) or 8)
+        _note_colour(pixels.astype(np.float32), f"{photometric} DICOM", notes)
         return (pixels.astype(np.float32) @ _LUMA_WEIGHTS) / float(2**bits - 1)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise BadFileError(path, f"unsupported DICOM PhotometricInterpretation '{photometric}'")

@@ -3,6 +3,11 @@
 A source is either a folder (searched recursively; every non-hidden file is taken to be an image, so stray files
 are reported rather than silently ignored) or a CSV manifest with a header row and the columns ``path``
 (required; relative paths are resolved against the CSV's folder), ``label`` and ``source`` (both optional).
+
+Folder searches follow symbolic links to folders but visit each real folder once (a link loop is reported, never
+followed twice). Entries that cannot be images are kept as records so that validation reports them with a
+reason: a folder that cannot be listed (permission denied), a folder named like an image (``scan.png/``), a
+broken or looping symbolic link, a named pipe.
 """
 
 from __future__ import annotations
@@ -13,12 +18,19 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, load_image_2d
+from jointssl.data.file_checks import has_suffix, walk_tree
+from jointssl.data.image_io import (
+    DICOM_EXTENSIONS,
+    MIN_IMAGE_SIDE,
+    PIL_FORMAT_BY_EXTENSION,
+    check_image_size,
+    decode_image_2d,
+)
 
 logger = logging.getLogger("jointssl.data")
 
@@ -27,6 +39,8 @@ OnBadFile = Literal["error", "skip"]
 # Files that live in image folders but are never images: DICOM media index files.
 _NON_IMAGE_NAMES = frozenset({"DICOMDIR"})
 _MANIFEST_SUFFIXES = frozenset({".csv"})
+# A folder with one of these names is a mistake (e.g. an archive unpacked into "scan.png/"), not a subfolder.
+_IMAGE_FILE_SUFFIXES = (*PIL_FORMAT_BY_EXTENSION, *DICOM_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,36 @@ class ImageRecord:
     label: str | None = None
 
 
+@dataclass
+class ImageSourceScan:
+    """What :func:`scan_image_sources` found: the records, the manifest rows whose file is missing, and notes
+    (path, text) on things handled during the search that a researcher should know about."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    missing: list[BadFileError] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_image_sources(sources: Sequence[str | Path]) -> ImageSourceScan:
+    """List the image files of every source (see :func:`discover_images`), keeping every problem found instead of
+    applying a policy. A source that is neither an existing folder nor a ``.csv`` file raises
+    ``FileNotFoundError`` / ``ValueError``: that is a mistake in the arguments, not in the data."""
+    scan = ImageSourceScan()
+    for source in sources:
+        source_path = Path(source).expanduser()
+        if source_path.is_dir():
+            scan.records.extend(_discover_folder(source_path, scan.notes))
+        elif source_path.is_file() and source_path.suffix.lower() in _MANIFEST_SUFFIXES:
+            found, not_found = _read_manifest(source_path)
+            scan.records.extend(found)
+            scan.missing.extend(not_found)
+        elif not source_path.exists():
+            raise FileNotFoundError(f"image source does not exist: {source_path}")
+        else:
+            raise ValueError(f"image source must be a folder or a .csv manifest, got the file {source_path}")
+    return scan
+
+
 def discover_images(sources: Sequence[str | Path], on_missing: OnBadFile = "error") -> list[ImageRecord]:
     """List the image files of every source, in source order and sorted by path within each source.
 
@@ -46,33 +90,30 @@ def discover_images(sources: Sequence[str | Path], on_missing: OnBadFile = "erro
     logged and dropped with ``on_missing="skip"``. A source that is neither an existing folder nor a ``.csv``
     file raises ``FileNotFoundError`` / ``ValueError``.
     """
-    records: list[ImageRecord] = []
-    missing: list[BadFileError] = []
-    for source in sources:
-        source_path = Path(source).expanduser()
-        if source_path.is_dir():
-            records.extend(_discover_folder(source_path))
-        elif source_path.is_file() and source_path.suffix.lower() in _MANIFEST_SUFFIXES:
-            found, not_found = _read_manifest(source_path)
-            records.extend(found)
-            missing.extend(not_found)
-        elif not source_path.exists():
-            raise FileNotFoundError(f"image source does not exist: {source_path}")
-        else:
-            raise ValueError(f"image source must be a folder or a .csv manifest, got the file {source_path}")
-    if missing:
-        _apply_policy(missing, on_missing, what="missing manifest entry")
-    return records
+    scan = scan_image_sources(sources)
+    for path, note in scan.notes:
+        logger.info("%s: %s", path, note)
+    if scan.missing:
+        _apply_policy(scan.missing, on_missing, what="missing manifest entry")
+    return scan.records
 
 
-def _discover_folder(folder: Path) -> list[ImageRecord]:
+def _discover_folder(folder: Path, notes: list[tuple[str, str]]) -> list[ImageRecord]:
     source_name = folder.resolve().name
     paths: list[str] = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        # Pruning in place stops os.walk from descending into hidden folders (.git, .ipynb_checkpoints, ...).
-        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and name not in _NON_IMAGE_NAMES:
+
+    def unreadable(path: str, reason: str) -> None:
+        # Kept as a record: validation then reports the folder and why, instead of its images just missing.
+        paths.append(os.path.abspath(path))
+
+    def note(path: str, text: str) -> None:
+        notes.append((os.path.abspath(path), text))
+
+    for directory, subdirectories, files in walk_tree(folder, skip_hidden=True, note=note, unreadable=unreadable):
+        named_like_images = [d for d in subdirectories if has_suffix(d, _IMAGE_FILE_SUFFIXES)]
+        subdirectories[:] = [d for d in subdirectories if d not in named_like_images]
+        for name in (*files, *named_like_images):
+            if name not in _NON_IMAGE_NAMES:
                 paths.append(os.path.abspath(os.path.join(directory, name)))
     return [ImageRecord(path=p, source=source_name) for p in sorted(paths)]
 
@@ -111,22 +152,41 @@ def _read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[BadFileError
     return records, missing
 
 
+@dataclass(frozen=True)
+class ImageCheck:
+    """The outcome of decoding one image: its error (None when usable), its shape and the conversion notes."""
+
+    path: str
+    error: BadFileError | None
+    shape: tuple[int, int] | None = None  # (H, W) when decoded
+    notes: tuple[str, ...] = ()
+
+
+def check_images(
+    records: Sequence[ImageRecord], num_threads: int = 8, min_side: int = MIN_IMAGE_SIDE
+) -> list[ImageCheck]:
+    """Decode every record once (in a thread pool: PIL and pydicom decoders release the GIL) and return, in
+    record order, each one's error or notes. This is the validation of :class:`~jointssl.data.JointDataModule`
+    and of ``jointssl check-data``."""
+
+    def check(record: ImageRecord) -> ImageCheck:
+        try:
+            decoded = decode_image_2d(record.path)
+            check_image_size(record.path, decoded.array, min_side)
+        except BadFileError as error:
+            return ImageCheck(record.path, error)
+        return ImageCheck(record.path, None, tuple(decoded.array.shape), decoded.notes)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="jointssl-validate") as pool:
+        return list(pool.map(check, records))
+
+
 def find_bad_files(
     records: Sequence[ImageRecord], num_threads: int = 8, min_side: int = MIN_IMAGE_SIDE
 ) -> list[BadFileError]:
-    """Decode every record once (in a thread pool: PIL and pydicom decoders release the GIL) and return the
-    problems, in record order."""
-
-    def check(record: ImageRecord) -> BadFileError | None:
-        try:
-            check_image_size(record.path, load_image_2d(record.path), min_side)
-        except BadFileError as error:
-            return error
-        return None
-
-    with ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="jointssl-validate") as pool:
-        results = list(pool.map(check, records))
-    return [error for error in results if error is not None]
+    """Decode every record once and return the problems, in record order (see :func:`check_images`)."""
+    checks = check_images(records, num_threads=num_threads, min_side=min_side)
+    return [check.error for check in checks if check.error is not None]
 
 
 def validate_images(

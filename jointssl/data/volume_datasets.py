@@ -347,15 +347,18 @@ def _record_item(record: VolumeRecord) -> dict[str, Any]:
 def _file_fingerprint(path: str) -> str:
     """Size and modification time of a file, or of every file directly in a (DICOM series) folder."""
     target = Path(path)
-    if target.is_dir():
-        entries = sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in target.iterdir() if p.is_file()
-        )
-    elif target.exists():
-        stat = target.stat()
-        entries = [(target.name, stat.st_size, stat.st_mtime_ns)]
-    else:
-        entries = []  # loading will report the missing file
+    try:
+        if target.is_dir():
+            entries = sorted(
+                (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in target.iterdir() if p.is_file()
+            )
+        elif target.exists():
+            stat = target.stat()
+            entries = [(target.name, stat.st_size, stat.st_mtime_ns)]
+        else:
+            entries = []  # loading will report the missing file
+    except OSError:  # unreadable: loading reports the file or folder and why
+        entries = []
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 

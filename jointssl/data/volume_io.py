@@ -28,6 +28,14 @@ manifest or as an argument.
 
 Bad inputs raise :class:`~jointssl.data.errors.BadFileError` naming the file and the reason;
 :func:`validate_volumes` checks many files and reports every bad one at once (or logs and skips them).
+What is rejected: unreadable, empty, truncated or non-NIfTI files, broken NIfTI headers (dimension count outside
+1-7, non-positive sizes, unknown data type, more than 2**31 voxels, data shorter than the header declares), 2D and
+4D images (a 4th axis of length 1 is dropped), non-positive voxel sizes (pixdim), NaN or infinite voxels, constant
+volumes, fewer than ``min_slices`` slices, DICOM folders with several series, mixed orientations, missing or
+duplicated slices, or slices without pixel data, and resampling to a ``target_spacing`` that would give more than
+2**31 voxels. What is accepted with a note (:attr:`RawVolume.notes`, printed by ``jointssl check-data``): a
+singleton 4th axis dropped, and strongly anisotropic voxels (largest side more than 20 times the smallest; slices
+are used as stored).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -53,6 +62,14 @@ from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Resize,
 from monai.utils import convert_to_tensor
 
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.file_checks import (
+    describe_os_error,
+    display_suffix,
+    has_suffix,
+    is_regular_file,
+    require_regular_file,
+    walk_tree,
+)
 
 logger = logging.getLogger("jointssl.data")
 
@@ -64,6 +81,21 @@ OnBadFile = Literal["error", "skip"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NUMPY_SUFFIX = ".npy"
+VOLUME_FILE_SUFFIXES = (*NIFTI_SUFFIXES, NUMPY_SUFFIX)
+# 3D formats researchers hold that jointssl does not read: found in a folder, they are reported, not ignored.
+UNSUPPORTED_VOLUME_FORMATS = {
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mgz": "FreeSurfer MGH",
+    ".mgh": "FreeSurfer MGH",
+    ".hdr": "Analyze",
+    ".img": "Analyze",
+    ".vtk": "VTK",
+}
+# DICOM media index files hold no slice.
+_NON_SLICE_DICOM_NAMES = frozenset({"DICOMDIR"})
 
 # For each slice axis: which RAS array axes become (slice, row, column). Rows and columns are then both
 # reversed, which gives the radiological layout of the module docstring (RAS index 0 is the patient's left /
@@ -92,6 +124,12 @@ _DICOM_HEADER_TAGS = [
 _DUPLICATE_POSITION_MM = 1e-2
 # Relative deviation from the median slice gap above which a series has gaps or irregular spacing.
 _SLICE_GAP_TOLERANCE = 0.1
+# No volume jointssl trains on comes near this; a header that declares more is broken (and decoding it would
+# try to allocate that much memory).
+MAX_VOXELS = 2**31
+# Voxels whose largest side exceeds this many times the smallest get a note (thick slices: a slab of N slices
+# then spans far more anatomy than its in-plane size suggests).
+ANISOTROPY_NOTE_RATIO = 20.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +140,7 @@ class RawVolume:
     spacing: tuple[float, float, float]  # mm between slices, rows, columns
     path: str
     dicom_modality: Modality | None  # from the DICOM Modality tag; None for NIfTI/.npy or other modalities
+    notes: tuple[str, ...] = ()  # repairs and oddities a researcher should know about (module docstring)
 
 
 @dataclass(frozen=True)
@@ -112,6 +151,7 @@ class LoadedVolume:
     spacing: tuple[float, float, float]  # mm between slices, rows, columns
     path: str
     modality: Modality  # the modality whose normalisation was applied
+    notes: tuple[str, ...] = ()  # as RawVolume.notes
 
 
 @dataclass(frozen=True)
@@ -161,7 +201,9 @@ def load_volume(
         normalised = _scale_to_unit(raw.array, *hu_window)
     else:
         normalised = _scale_to_unit(raw.array, *_robust_range(raw.array, mr_percentiles))
-    return LoadedVolume(array=normalised, spacing=raw.spacing, path=raw.path, modality=resolved)
+    return LoadedVolume(
+        array=normalised, spacing=raw.spacing, path=raw.path, modality=resolved, notes=raw.notes
+    )
 
 
 def read_volume(
@@ -181,20 +223,21 @@ def read_volume(
         raise ValueError(f"slice_axis must be one of {sorted(RAS_AXES_FOR_LAYOUT)}, got {slice_axis!r}")
     path_str = str(path)
     kind = volume_kind(path_str)
+    notes: list[str] = []
     if kind == "npy":
         array = _read_npy(path_str)
         spacing = (1.0, 1.0, 1.0)
         dicom_modality = None
     else:
         if kind == "nifti":
-            _check_nifti_header(path_str)
+            notes.extend(_check_nifti_header(path_str))
             image = _decode(path_str, _nifti_loader())
             dicom_modality = None
         else:
             dicom_modality = _check_dicom_series(path_str, min_slices)
             image = _decode(path_str, _dicom_loader())
         array, spacing = _to_slice_layout(
-            image, path_str, slice_axis, target_spacing, interpolation, min_slices
+            image, path_str, slice_axis, target_spacing, interpolation, min_slices, notes
         )
     _check_voxel_values(array, path_str)
     _check_slice_count(array, path_str, min_slices)
@@ -203,7 +246,9 @@ def read_volume(
         array = _resize_in_plane(array, in_plane_size, interpolation)
         # The field of view is kept, so the pixel size grows by the shrink factor.
         spacing = (spacing[0], spacing[1] * rows / in_plane_size, spacing[2] * cols / in_plane_size)
-    return RawVolume(np.ascontiguousarray(array, dtype=np.float32), spacing, path_str, dicom_modality)
+    return RawVolume(
+        np.ascontiguousarray(array, dtype=np.float32), spacing, path_str, dicom_modality, tuple(notes)
+    )
 
 
 def infer_modality(volume: RawVolume) -> Modality:
@@ -215,11 +260,19 @@ def infer_modality(volume: RawVolume) -> Modality:
 
 
 def volume_kind(path: str) -> Literal["nifti", "npy", "dicom"]:
-    """Which reader a path needs; raises BadFileError for anything that is not a volume."""
+    """Which reader a path needs; raises BadFileError for anything that is not a volume: a missing, unreadable or
+    special file, a broken or looping link, a folder named like a volume file, or an unsupported format."""
     if os.path.isdir(path):
+        if has_suffix(path.rstrip(os.sep), VOLUME_FILE_SUFFIXES):
+            raise BadFileError(
+                path,
+                f"not a regular file: it is a folder named like a {display_suffix(path.rstrip(os.sep))} file (a "
+                "DICOM series folder must not be named like a volume file)",
+            )
         return "dicom"
-    if not os.path.exists(path):
-        raise BadFileError(path, "file does not exist")
+    require_regular_file(
+        path, "a volume file (.nii, .nii.gz, .npy) or a DICOM series folder", missing="file does not exist"
+    )
     lower = path.lower()
     if lower.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -229,8 +282,10 @@ def volume_kind(path: str) -> Literal["nifti", "npy", "dicom"]:
         raise BadFileError(
             path, "a single DICOM file is one slice; pass the folder that holds the whole series"
         )
+    known = UNSUPPORTED_VOLUME_FORMATS.get(display_suffix(path))
+    named = f" ({known} '{display_suffix(path)}': convert it to NIfTI)" if known else ""
     raise BadFileError(
-        path, "unsupported volume format; expected .nii, .nii.gz, .npy or a DICOM series folder"
+        path, f"unsupported volume format{named}; expected .nii, .nii.gz, .npy or a DICOM series folder"
     )
 
 
@@ -281,7 +336,9 @@ def _decode(path: str, loader: LoadImage) -> MetaTensor:
     except BadFileError:
         raise
     except Exception as error:  # readers raise many types; all mean "cannot decode this file"
-        raise BadFileError(path, f"cannot decode the image data ({type(error).__name__}: {error})") from error
+        # One line: some readers put newlines in their messages, and reports list one problem per line.
+        message = " ".join(str(error).split())
+        raise BadFileError(path, f"cannot decode the image data ({type(error).__name__}: {message})") from error
     return image
 
 
@@ -308,8 +365,10 @@ def _to_slice_layout(
     target_spacing: tuple[float, float, float] | None,
     interpolation: Interpolation,
     min_slices: int,
+    notes: list[str],
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient to RAS, optionally resample, and lay the slices out as [slice, row, column]."""
+    """Reorient to RAS, optionally resample, and lay the slices out as [slice, row, column]; add a note on
+    strongly anisotropic voxels."""
     image = EnsureChannelFirst()(image)
     if image.ndim != 4 or image.shape[0] != 1:
         raise BadFileError(
@@ -319,6 +378,8 @@ def _to_slice_layout(
     layout = RAS_AXES_FOR_LAYOUT[slice_axis]
     # Checked before resampling too: a 2-slice volume interpolated to more slices is still a 2-slice volume.
     _check_slice_count_value(image.shape[1 + layout[0]], path, min_slices)
+    native_spacing = affine_to_spacing(image.affine, r=3).tolist()
+    _note_anisotropy([native_spacing[axis] for axis in layout], notes)
     if target_spacing is not None:
         if len(target_spacing) != 3 or min(target_spacing) <= 0:
             raise ValueError(
@@ -327,6 +388,7 @@ def _to_slice_layout(
         ras_spacing = [0.0, 0.0, 0.0]
         for layout_axis, ras_axis in enumerate(layout):
             ras_spacing[ras_axis] = float(target_spacing[layout_axis])
+        _check_resampled_size(path, image.shape[1:], native_spacing, ras_spacing)
         mode = "bilinear" if interpolation == "linear" else "nearest"
         image = Spacing(pixdim=ras_spacing, mode=mode, padding_mode="border")(image)
     ras_spacing_mm = affine_to_spacing(image.affine, r=3).tolist()
@@ -335,6 +397,32 @@ def _to_slice_layout(
     # Rounded to 1e-6 mm: affines stored in float32 give 6.4999998 for 6.5.
     spacing = tuple(round(float(ras_spacing_mm[axis]), 6) for axis in layout)
     return array, spacing  # type: ignore[return-value]
+
+
+def _note_anisotropy(spacing: Sequence[float], notes: list[str]) -> None:
+    """Note voxels whose largest side exceeds ANISOTROPY_NOTE_RATIO times the smallest (spacing in layout
+    order: slice, row, column)."""
+    ratio = max(spacing) / min(spacing)
+    if ratio > ANISOTROPY_NOTE_RATIO:
+        sides = " x ".join(f"{value:g}" for value in spacing)
+        notes.append(
+            f"strongly anisotropic voxels: {sides} mm (slice x row x column), {ratio:.0f}:1; used as stored, "
+            "slices are not resampled"
+        )
+
+
+def _check_resampled_size(
+    path: str, shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> None:
+    """Refuse a resampling whose result would not fit in memory: with a broken or extreme voxel size (e.g. 500 mm
+    slices) a target spacing of 1 mm asks for hundreds of times the voxels."""
+    resampled = [max(1, round(n * old / new)) for n, old, new in zip(shape, spacing, target)]
+    if int(np.prod(resampled, dtype=np.float64)) > MAX_VOXELS:
+        raise BadFileError(
+            path,
+            f"resampling from voxel sizes {[round(v, 4) for v in spacing]} mm to {list(target)} mm would give "
+            f"{' x '.join(map(str, resampled))} voxels (more than 2**31): are the voxel sizes right?",
+        )
 
 
 def _resize_in_plane(array: np.ndarray, size: int, interpolation: Interpolation) -> np.ndarray:
@@ -384,9 +472,9 @@ def _robust_range(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[
 # Validation
 
 
-def _check_nifti_header(path: str) -> None:
-    """Reject from the header alone: empty/corrupt files, non-NIfTI content, 2D or 4D images, bad voxel
-    sizes."""
+def _check_nifti_header(path: str) -> list[str]:
+    """Reject from the header alone: empty/corrupt files, non-NIfTI content, broken headers, 2D or 4D images, bad
+    voxel sizes, data shorter than the header declares (uncompressed files). Return notes on repairs."""
     if os.path.getsize(path) == 0:
         raise BadFileError(path, "empty file (0 bytes)")
     try:
@@ -394,17 +482,72 @@ def _check_nifti_header(path: str) -> None:
         header = image.header
         shape = tuple(int(d) for d in header.get_data_shape())
     except Exception as error:  # gzip, zlib, nibabel and OS errors all mean "not readable NIfTI"
-        raise BadFileError(path, f"not a readable NIfTI file ({type(error).__name__}: {error})") from error
+        raise BadFileError(path, _unreadable_nifti_reason(path, error)) from error
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadFileError(path, f"not a NIfTI image (read as {type(image).__name__})")
+    if shape and min(shape) < 1:
+        raise BadFileError(path, f"broken NIfTI header: dimension sizes must be positive, got {shape}")
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise BadFileError(
+            path, f"broken NIfTI header? it declares {' x '.join(map(str, shape))} voxels, more than 2**31"
+        )
+    notes = []
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
+        notes.append("4D NIfTI with a 4th axis of length 1: read as the 3D volume it holds")
     _check_dimensionality(path, shape)
     pixdim = _stored_pixdim(path, type(header))
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
-        raise BadFileError(path, f"voxel sizes (pixdim) must be positive, got {pixdim.tolist()}")
+        raise BadFileError(
+            path,
+            f"voxel sizes (pixdim) must be positive, got {pixdim.tolist()}: fix the header (nibabel: "
+            "header.set_zooms)",
+        )
     if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise BadFileError(path, "degenerate affine (zero determinant): voxel geometry unknown")
+    if not path.lower().endswith(".gz"):
+        # Uncompressed: the file size tells whether all the data is there, without decoding it.
+        # The proxy knows where the data starts (image.header was re-made on load: its offset reads 0).
+        expected = int(image.dataobj.offset) + voxels * header.get_data_dtype().itemsize
+        actual = os.path.getsize(path)
+        if actual < expected:
+            raise BadFileError(
+                path, f"truncated: the header declares {expected} bytes (offset + data), the file has {actual}"
+            )
+    return notes
+
+
+def _unreadable_nifti_reason(path: str, error: Exception) -> str:
+    """Why nibabel could not read a NIfTI file: a broken header field when the header itself can be read
+    (nibabel's own message then often names a consequence, e.g. "vox offset too low"), else nibabel's error."""
+    fallback = f"not a readable NIfTI file ({type(error).__name__}: {' '.join(str(error).split())})"
+    header_size = nib.Nifti1Header.template_dtype.itemsize  # 348
+    try:
+        with nib.openers.ImageOpener(path) as stream:
+            block = stream.read(header_size)
+    except EOFError:
+        return "truncated: the compressed data ends inside the NIfTI header"
+    except Exception:  # e.g. corrupt compressed data: nibabel's message says it best
+        return fallback
+    if len(block) < header_size:
+        return f"not a readable NIfTI file: {len(block)} bytes of content, fewer than a {header_size}-byte header"
+    # Byte order from sizeof_hdr, which must be 348: nibabel's guess uses dim[0], the very field that may be broken.
+    sizes = {int.from_bytes(block[:4], "little"): "<", int.from_bytes(block[:4], "big"): ">"}
+    if header_size not in sizes:
+        # NIfTI-2 (540) headers nibabel reads itself; reaching here they are broken in ways it explains.
+        return fallback if 540 in sizes else "not a readable NIfTI file: it does not start with a NIfTI header"
+    raw = nib.Nifti1Header(binaryblock=block, endianness=sizes[header_size], check=False)
+    if raw["magic"].item() not in (b"n+1", b"ni1"):
+        return f"broken NIfTI header: magic is {raw['magic'].item()!r}, expected b'n+1' or b'ni1'"
+    dims = int(raw["dim"][0])
+    if not 1 <= dims <= 7:
+        return f"broken NIfTI header: dim[0] (the number of dimensions) is {dims}, must be 1 to 7"
+    code = int(raw["datatype"])
+    if code not in nib.nifti1.data_type_codes.code:
+        return f"broken NIfTI header: unknown datatype code {code}"
+    message = " ".join(str(error).split())
+    return f"truncated or corrupt NIfTI: the header is valid, the rest is not ({type(error).__name__}: {message})"
 
 
 def _stored_pixdim(path: str, header_class: type) -> np.ndarray:
@@ -460,9 +603,20 @@ def _check_dicom_series(folder: str, min_slices: int) -> Modality | None:
     headers = []
     for file in files:
         try:
-            headers.append(pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_DICOM_HEADER_TAGS))
+            # PixelData is read as a deferred element: its presence is known without loading the pixels.
+            headers.append(
+                pydicom.dcmread(file, specific_tags=[*_DICOM_HEADER_TAGS, "PixelData"], defer_size=256)
+            )
         except Exception as error:  # pydicom raises several types for broken files
-            raise BadFileError(folder, f"{file.name}: unreadable DICOM header ({error})") from error
+            message = " ".join(str(error).split())
+            raise BadFileError(folder, f"{file.name}: unreadable DICOM header ({message})") from error
+    without_pixels = [f.name for f, ds in zip(files, headers) if "PixelData" not in ds]
+    if without_pixels:
+        raise BadFileError(
+            folder,
+            f"{len(without_pixels)} DICOM file(s) without pixel data (not an image slice), e.g. "
+            f"{without_pixels[0]}: remove them from the series folder",
+        )
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in headers})
     if len(series) > 1:
         raise BadFileError(
@@ -519,15 +673,68 @@ def _position_along_normal(ds: pydicom.Dataset) -> float:
 
 
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files directly inside a folder (not its subfolders), sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and pydicom.misc.is_dicom(p))
+    """The DICOM files directly inside a folder (not its subfolders, not a DICOMDIR index), sorted by name.
+
+    Raises :class:`BadFileError` naming the folder when it, or a file in it, cannot be read: a slice that
+    cannot be read cannot be known not to belong to the series.
+    """
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError as error:
+        raise BadFileError(folder, f"cannot list the folder: {describe_os_error(folder, error)}") from None
+    files = []
+    for entry in entries:
+        if entry.name in _NON_SLICE_DICOM_NAMES or not is_regular_file(entry):
+            continue
+        try:
+            if pydicom.misc.is_dicom(entry):
+                files.append(entry)
+        except OSError as error:
+            raise BadFileError(folder, f"{entry.name}: {describe_os_error(entry, error)}") from None
+    return files
 
 
 T = TypeVar("T", str, VolumeRecord)
 
 
+@dataclass(frozen=True)
+class VolumeCheck:
+    """The outcome of loading one volume: its error (None when usable), its loaded shape and its notes."""
+
+    path: str
+    error: BadFileError | None
+    shape: tuple[int, int, int] | None = None  # (slices, rows, columns) as loaded
+    notes: tuple[str, ...] = ()
+
+
+def check_volumes(
+    items: Sequence[str | VolumeRecord], num_threads: int = 1, modality: ModalityChoice = "auto", **load_kwargs
+) -> list[VolumeCheck]:
+    """Load every volume once with :func:`load_volume` (a record's own modality overrides ``modality``) and
+    return, in order, each one's error or shape and notes. Loading runs in ``num_threads`` threads (decoders
+    release the GIL for much of their work; each thread holds one decoded volume at a time)."""
+
+    def check(item: str | VolumeRecord) -> VolumeCheck:
+        path = item.path if isinstance(item, VolumeRecord) else str(item)
+        item_modality = item.modality if isinstance(item, VolumeRecord) and item.modality else modality
+        try:
+            volume = load_volume(path, modality=item_modality, **load_kwargs)
+        except BadFileError as error:
+            return VolumeCheck(path, error)
+        return VolumeCheck(path, None, tuple(volume.array.shape), volume.notes)  # type: ignore[arg-type]
+
+    if num_threads <= 1 or len(items) <= 1:
+        return [check(item) for item in items]
+    with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jointssl-volumes") as pool:
+        return list(pool.map(check, items))
+
+
 def validate_volumes(
-    items: Sequence[T], on_bad_file: OnBadFile = "error", modality: ModalityChoice = "auto", **load_kwargs
+    items: Sequence[T],
+    on_bad_file: OnBadFile = "error",
+    modality: ModalityChoice = "auto",
+    num_threads: int = 1,
+    **load_kwargs,
 ) -> list[T]:
     """Load every volume once and return the usable ones, in order.
 
@@ -536,94 +743,159 @@ def validate_volumes(
         on_bad_file: "error" raises one DataValidationError listing every bad file; "skip" logs a warning per
             bad file on the "jointssl.data" logger and leaves it out.
         modality, load_kwargs: as for :func:`load_volume`, so that validation checks what training will load.
+        num_threads: volumes loaded in parallel (see :func:`check_volumes`).
 
     This decodes every volume, which is the only way to find truncated data, NaNs or constant volumes.
     """
     if on_bad_file not in ("error", "skip"):
         raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-    good: list[T] = []
-    bad: list[BadFileError] = []
-    for item in items:
-        path = item.path if isinstance(item, VolumeRecord) else str(item)
-        item_modality = item.modality if isinstance(item, VolumeRecord) and item.modality else modality
-        try:
-            load_volume(path, modality=item_modality, **load_kwargs)
-        except BadFileError as error:
-            bad.append(error)
-            continue
-        good.append(item)
+    checks = check_volumes(items, num_threads=num_threads, modality=modality, **load_kwargs)
+    bad = [check.error for check in checks if check.error is not None]
     if bad and on_bad_file == "error":
         raise DataValidationError(bad)
     for error in bad:
         logger.warning("skipping bad volume %s: %s", error.path, error.reason)
-    return good
+    return [item for item, check in zip(items, checks) if check.error is None]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Discovery
 
 
+@dataclass
+class VolumeSourceScan:
+    """What :func:`scan_volume_sources` found.
+
+    ``records``: the volumes; ``problems``: manifest rows and source files that cannot be volumes (each a
+    BadFileError naming the manifest and line, or the file); ``notes``: (path, text) on links not followed and
+    empty manifests; ``ignored``: files in the folders that are not volumes (.json sidecars, notes, ...);
+    ``origins``: for records listed in a manifest, "<manifest> line <n>".
+    """
+
+    records: list[VolumeRecord] = field(default_factory=list)
+    problems: list[BadFileError] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+
+
+def scan_volume_sources(sources: Iterable[str | os.PathLike]) -> VolumeSourceScan:
+    """Find the volumes of every source (see :func:`discover_volumes`), keeping every problem found instead of
+    raising the first. A source that does not exist raises :class:`BadFileError`: that is a mistake in the
+    arguments, not in the data."""
+    scan = VolumeSourceScan()
+    for source in sources:
+        path = Path(source)
+        if path.is_dir() and not has_suffix(path.name, VOLUME_FILE_SUFFIXES):
+            scan.records.extend(_discover_folder(path, scan.notes, scan.ignored))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            _read_manifest(path, scan)
+        elif path.exists() or path.is_symlink():
+            try:
+                volume_kind(str(path))  # raises for unsupported files and folders named like volume files
+            except BadFileError as error:
+                scan.problems.append(error)
+                continue
+            scan.records.append(VolumeRecord(str(path), path.parent.name))
+        else:
+            raise BadFileError(path, "source does not exist")
+    return scan
+
+
 def discover_volumes(sources: Iterable[str | os.PathLike]) -> list[VolumeRecord]:
     """Find the volumes of every source, in a deterministic order.
 
-    A source is a folder (searched recursively for .nii, .nii.gz and .npy files; every folder that directly
-    holds DICOM files is one DICOM series), a CSV manifest (a ``path`` or ``image`` column, relative paths
-    taken relative to the manifest; optional ``modality`` (CT/MR) and ``source`` columns), or a single volume
-    file. The source name of a record is the manifest's ``source`` column, else the folder's or manifest's
-    name.
+    A source is a folder (searched recursively, following links to folders but never visiting a folder twice,
+    hidden files and folders skipped, for .nii, .nii.gz and .npy files; every folder that directly holds DICOM
+    files is one DICOM series), a CSV manifest (a ``path`` or ``image`` column, relative paths taken relative to
+    the manifest; optional ``modality`` (CT/MR) and ``source`` columns), or a single volume file. The source
+    name of a record is the manifest's ``source`` column, else the folder's or manifest's name.
+
+    In folders, files in the 3D formats jointssl cannot read (.mha, .nrrd, .mgz, Analyze, ...), folders named
+    like volume files, folders that cannot be listed and volume-named links that cannot be followed become
+    records, so that validation reports them; other files (.json sidecars, notes) are ignored and logged.
+
+    Raises :class:`BadFileError` for the first source that does not exist, manifest row that cannot be used
+    (empty path, unknown modality) or source file that is not a volume (:func:`scan_volume_sources` keeps them
+    all).
     """
-    records: list[VolumeRecord] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            records.extend(_discover_folder(path))
-        elif path.is_file() and path.suffix.lower() == ".csv":
-            records.extend(_read_manifest(path))
-        elif path.is_file():
-            volume_kind(str(path))  # raises for unsupported files
-            records.append(VolumeRecord(str(path), path.parent.name))
-        else:
-            raise BadFileError(path, "source does not exist")
-    return records
+    scan = scan_volume_sources(sources)
+    for path, note in scan.notes:
+        logger.info("%s: %s", path, note)
+    for path in scan.ignored:
+        logger.info("%s: not a volume file (.nii, .nii.gz, .npy or DICOM): ignored", path)
+    if scan.problems:
+        raise scan.problems[0]
+    return scan.records
 
 
-def _discover_folder(root: Path) -> list[VolumeRecord]:
+def _discover_folder(root: Path, notes: list[tuple[str, str]], ignored_files: list[str]) -> list[VolumeRecord]:
     records = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders.sort()
+
+    def unreadable(folder: str, reason: str) -> None:
+        # Kept as a record: loading then reports the folder and why, instead of its volumes just missing.
+        records.append(VolumeRecord(folder, root.name))
+
+    def note(path: str, text: str) -> None:
+        notes.append((path, text))
+
+    for folder, subfolders, names in walk_tree(root, skip_hidden=True, note=note, unreadable=unreadable):
+        named_like_volumes = [name for name in subfolders if has_suffix(name, VOLUME_FILE_SUFFIXES)]
+        subfolders[:] = [name for name in subfolders if name not in named_like_volumes]
         holds_dicom = False
-        for name in sorted(names):
-            file = Path(folder, name)
-            if name.lower().endswith((*NIFTI_SUFFIXES, NUMPY_SUFFIX)):
-                records.append(VolumeRecord(str(file), root.name))
-            elif not holds_dicom and pydicom.misc.is_dicom(file):
-                holds_dicom = True
+        ignored, unreadable_files = [], []
+        for name in sorted([*names, *named_like_volumes]):
+            file = os.path.join(folder, name)
+            if has_suffix(name, VOLUME_FILE_SUFFIXES) or display_suffix(name) in UNSUPPORTED_VOLUME_FORMATS:
+                records.append(VolumeRecord(file, root.name))
+            elif name in _NON_SLICE_DICOM_NAMES or holds_dicom:
+                continue  # a series folder's other files are the series check's business
+            elif not is_regular_file(file):
+                ignored.append(name)
+            else:
+                try:
+                    holds_dicom = pydicom.misc.is_dicom(file)
+                except OSError:
+                    unreadable_files.append(file)
+                    continue
+                if not holds_dicom:
+                    ignored.append(name)
         if holds_dicom:
             records.append(VolumeRecord(folder, root.name))
+        else:
+            # Unreadable files in a folder without readable DICOM might be the series: report them.
+            records.extend(VolumeRecord(file, root.name) for file in unreadable_files)
+            ignored_files.extend(os.path.join(folder, name) for name in ignored)
     return records
 
 
-def _read_manifest(manifest: Path) -> list[VolumeRecord]:
-    with manifest.open(newline="") as handle:
+def _read_manifest(manifest: Path, scan: VolumeSourceScan) -> None:
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
-        return []
+        scan.notes.append((str(manifest), "manifest lists no volumes"))
+        return
     columns = {c.strip().lower(): c for c in rows[0] if c}
     path_column = columns.get("path") or columns.get("image")
     if path_column is None:
-        raise BadFileError(
-            manifest, f"manifest has no 'path' (or 'image') column; columns: {list(rows[0].keys())}"
+        scan.problems.append(
+            BadFileError(manifest, f"manifest has no 'path' (or 'image') column; columns: {list(rows[0].keys())}")
         )
-    records = []
+        return
     for line, row in enumerate(rows, start=2):
         value = (row.get(path_column) or "").strip()
         if not value:
-            raise BadFileError(manifest, f"line {line}: empty path")
+            scan.problems.append(BadFileError(manifest, f"line {line}: empty path"))
+            continue
         path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-        modality = parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
+        try:
+            modality = parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
+        except BadFileError as error:
+            scan.problems.append(error)
+            continue
         source = (row.get(columns.get("source", ""), "") or "").strip() or manifest.stem
-        records.append(VolumeRecord(str(path), source, modality))
-    return records
+        scan.records.append(VolumeRecord(str(path), source, modality))
+        scan.origins.setdefault(str(path), f"{manifest} line {line}")
 
 
 def parse_modality(value: str, manifest: str | os.PathLike, line: int) -> Modality | None:

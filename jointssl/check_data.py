@@ -1,0 +1,365 @@
+"""`jointssl check-data`: check every training file once, before a multi-day run, and report all problems at once.
+
+    jointssl check-data --images /data/cxr /data/ct_slices.csv --volumes /data/ct --threads 8
+    jointssl check-data --config configs/pretrain/joint_swav.yaml
+
+It runs exactly the validation of :meth:`jointssl.data.JointDataModule.setup` (the same discovery, the same
+decoders and checks, the same load settings) without starting a training run, and prints one line per finding::
+
+    /data/cxr/a.png: error: empty file (0 bytes)
+    /data/cxr/b.png: warning: RGBA image with an alpha channel (12% of pixels not opaque): alpha ignored, ...
+    /data/ct/notes.txt: ignored: not a volume file (.nii, .nii.gz, .npy or DICOM)
+    jointssl check-data: 120 files checked (100 images, 20 volumes) in 2.0 s: 1 bad, 1 with warnings, 1 ignored
+
+``error`` lines are files training refuses (``on_bad_file: error``) or skips (``on_bad_file: skip``);
+``warning`` lines are files that load after a documented repair or conversion (colour to grey, padding of short
+volumes, ...); ``ignored`` lines are files in volume folders that are not volumes. Exit status: 0 when no file is
+bad, 1 when some are, 2 for usage errors (no sources, a source that does not exist, an unreadable config).
+
+With ``--config`` the sources and load settings (``volume_modality``, ``slice_axis``, ``volume_in_plane_size``,
+``num_slices``, ``global_crop_size``, ...) come from the config's ``data`` section, so the check covers what
+``jointssl fit --config`` would load; ``--images`` / ``--volumes`` then replace the config's sources of that kind.
+Without it, the defaults of :class:`~jointssl.data.JointDataModule` apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "CheckSettings",
+    "DataCheckReport",
+    "Finding",
+    "UsageError",
+    "check_data",
+    "check_data_command",
+    "datamodule_from_config",
+    "run",
+    "settings_from_datamodule",
+]
+
+Severity = Literal["error", "warning", "ignored"]
+PROG = "jointssl check-data"
+EXIT_CLEAN, EXIT_BAD_FILES, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the arguments or the config (not in the data): exit status 2."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reported problem or note: the file (or manifest, or folder) it concerns, how bad it is, and why."""
+
+    path: str
+    severity: Severity
+    message: str
+
+    def line(self) -> str:
+        return f"{self.path}: {self.severity}: {self.message}"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """What training would do with the files: the settings of the data section that decide what is bad or
+    repaired. ``volume_load_kwargs`` are :func:`~jointssl.data.volume_io.load_volume` arguments."""
+
+    global_crop_size: int
+    num_slices: int
+    volume_load_kwargs: dict[str, Any]
+    threads: int = 8
+
+
+@dataclass
+class DataCheckReport:
+    """Every finding of one check, in discovery order (2D sources first), and what was checked."""
+
+    images_checked: int = 0
+    volumes_checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warned_paths(self) -> list[str]:
+        return list(dict.fromkeys(f.path for f in self.findings if f.severity == "warning"))
+
+    @property
+    def ignored(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "ignored"]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_BAD_FILES if self.errors else EXIT_CLEAN
+
+    def summary(self) -> str:
+        checked = self.images_checked + self.volumes_checked
+        return (
+            f"{PROG}: {checked} files checked ({self.images_checked} images, {self.volumes_checked} volumes) in "
+            f"{self.seconds:.1f} s: {len(self.errors)} bad, {len(self.warned_paths)} with warnings, "
+            f"{len(self.ignored)} ignored"
+        )
+
+
+def check_data(
+    images: Sequence[str | os.PathLike], volumes: Sequence[str | os.PathLike], settings: CheckSettings
+) -> DataCheckReport:
+    """Discover and decode every image and volume of the sources once, with the validation code of
+    ``JointDataModule.setup``, and report every bad file, repair and ignored file.
+
+    Raises :class:`UsageError` for a source that does not exist, or a 2D source that is a file but not a
+    ``.csv`` manifest. A manifest that cannot be read is reported as a bad file and the other sources are still
+    checked.
+    """
+    started = time.perf_counter()
+    for source in [*images, *volumes]:
+        if not os.path.lexists(source):
+            raise UsageError(f"source does not exist: {source}")
+    for source in images:
+        if os.path.isfile(source) and Path(source).suffix.lower() != ".csv":
+            raise UsageError(f"an image source must be a folder or a .csv manifest, got the file {source}")
+    report = DataCheckReport()
+    report.images_checked = _check_images(images, settings, report.findings)
+    report.volumes_checked = _check_volumes(volumes, settings, report.findings)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _unreadable_manifest(source: str | os.PathLike, error: Exception) -> Finding:
+    return Finding(str(source), "error", f"cannot read the manifest: {type(error).__name__}: {error}")
+
+
+def _check_images(sources: Sequence[str | os.PathLike], settings: CheckSettings, findings: list[Finding]) -> int:
+    """Append the findings of the 2D sources; return the number of entries checked. An image smaller than the
+    global crop trains, but every crop of it is an upsampled blur: a warning."""
+    from jointssl.data.image_io import MIN_IMAGE_SIDE
+    from jointssl.data.sources import ImageSourceScan, check_images, scan_image_sources
+
+    scan, unreadable = ImageSourceScan(), []
+    for source in sources:  # one at a time: a manifest that cannot be read is one bad file, not the end
+        try:
+            found = scan_image_sources([source])
+        except (ValueError, OSError, csv.Error) as error:
+            unreadable.append(_unreadable_manifest(source, error))
+            continue
+        scan.records += found.records
+        scan.missing += found.missing
+        scan.notes += found.notes
+    findings += unreadable
+    findings += [Finding(error.path, "error", error.reason) for error in scan.missing]
+    findings += [Finding(path, "warning", note) for path, note in scan.notes]
+    crop = settings.global_crop_size
+    for check in check_images(scan.records, num_threads=max(1, settings.threads), min_side=MIN_IMAGE_SIDE):
+        if check.error is not None:
+            findings.append(Finding(check.error.path, "error", check.error.reason))
+            continue
+        findings += [Finding(check.path, "warning", note) for note in check.notes]
+        if check.shape is not None and min(check.shape) < crop:
+            height, width = check.shape
+            upsampling = crop / min(height, width)
+            message = (
+                f"image is {height}x{width} pixels, smaller than global_crop_size {crop}: its crops are upsampled "
+                f"(at least {upsampling:.1f}x)"
+            )
+            findings.append(Finding(check.path, "warning", message))
+    return len(unreadable) + len(scan.missing) + len(scan.records)
+
+
+def _check_volumes(sources: Sequence[str | os.PathLike], settings: CheckSettings, findings: list[Finding]) -> int:
+    """Append the findings of the 3D sources; return the number of entries checked. A volume shorter than
+    num_slices trains padded with masked empty slices: a warning. A missing file listed in a manifest is traced
+    back to the manifest's line."""
+    from jointssl.data.volume_io import VolumeSourceScan, check_volumes, scan_volume_sources
+
+    scan, unreadable = VolumeSourceScan(), []
+    for source in sources:
+        try:
+            found = scan_volume_sources([source])
+        except (ValueError, OSError, csv.Error) as error:
+            unreadable.append(_unreadable_manifest(source, error))
+            continue
+        scan.records += found.records
+        scan.problems += found.problems
+        scan.notes += found.notes
+        scan.ignored += found.ignored
+        scan.origins.update(found.origins)
+    findings += unreadable
+    findings += [Finding(error.path, "error", error.reason) for error in scan.problems]
+    findings += [Finding(path, "warning", note) for path, note in scan.notes]
+    findings += [Finding(path, "ignored", "not a volume file (.nii, .nii.gz, .npy or DICOM)") for path in scan.ignored]
+    slab = settings.num_slices
+    for check in check_volumes(scan.records, num_threads=max(1, settings.threads), **settings.volume_load_kwargs):
+        if check.error is not None:
+            origin = scan.origins.get(check.path)
+            listed = f" (listed in {origin})" if origin else ""
+            findings.append(Finding(check.error.path, "error", check.error.reason + listed))
+            continue
+        findings += [Finding(check.path, "warning", note) for note in check.notes]
+        if check.shape is not None and check.shape[0] < slab:
+            slices = check.shape[0]
+            message = (
+                f"{slices} slices, fewer than num_slices {slab}: padded at the end with {slab - slices} empty "
+                "slices that are masked out"
+            )
+            findings.append(Finding(check.path, "warning", message))
+    return len(unreadable) + len(scan.problems) + len(scan.records)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings from a config or from JointDataModule's defaults
+# ----------------------------------------------------------------------------------------------------------
+
+
+def datamodule_from_config(config_path: str | os.PathLike):
+    """The data module that ``jointssl fit --config CONFIG`` would build (constructed only: nothing is generated
+    or loaded). Raises :class:`UsageError` when the config cannot be read or its data section is invalid."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    path = Path(config_path)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read the config {path}: {error}") from None
+    section = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        raise UsageError(f"the config {path} has no `data` section (class_path + init_args)")
+    if "class_path" not in section:  # a bare init_args mapping
+        section = {"class_path": "jointssl.data.JointDataModule", "init_args": section}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    try:
+        parsed = parser.parse_object({"data": section})
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        datamodule = instantiate(parsed).data
+    except Exception as error:  # jsonargparse and the constructor's own checks: a bad data section
+        raise UsageError(f"invalid `data` section in {path}: {error}") from None
+    return datamodule
+
+
+def settings_from_datamodule(datamodule, threads: int | None) -> CheckSettings:
+    """The check settings of a :class:`~jointssl.data.JointDataModule` (its own properties, so that the check and
+    training cannot disagree)."""
+    if threads is None:
+        threads = max(1, min(datamodule.validation_threads, os.cpu_count() or 1))
+    return CheckSettings(
+        global_crop_size=datamodule.transform.global_crop_size,
+        num_slices=datamodule.num_slices,
+        volume_load_kwargs=dict(datamodule.volume_load_kwargs),
+        threads=threads,
+    )
+
+
+def _existing_synthetic_sources(sources: list[str], folder) -> tuple[list[str], list[Finding]]:
+    """Drop a synthetic data folder that `jointssl fit` has not generated yet (with a note) instead of failing."""
+    if folder is None or Path(folder).exists() or str(folder) not in sources:
+        return sources, []
+    note = Finding(str(folder), "warning", "synthetic data not generated yet (jointssl fit generates it): not checked")
+    return [source for source in sources if source != str(folder)], [note]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Check every training image and volume once, with the validation of JointDataModule.setup, and report "
+            "every bad file (path: error: reason), repair (path: warning: ...) and ignored file in one pass. Exit "
+            "status 0: no bad file; 1: bad files; 2: usage error."
+        ),
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="DIR_OR_CSV",
+        help="2D image sources: folders (searched recursively) or CSV manifests with a 'path' column",
+    )
+    parser.add_argument(
+        "--volumes",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="DIR_OR_CSV",
+        help="3D volume sources: folders, CSV manifests ('path' or 'image' column) or single volume files",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG.yaml",
+        help="a jointssl config: its data section gives the sources and load settings (--images/--volumes replace "
+        "its sources of that kind)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: validation_threads)")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse ``argv``, check the data, print the report; return the exit status."""
+    parser = build_parser()
+    options = parser.parse_args(list(argv))  # exits with status 2 on bad arguments
+    if options.threads is not None and options.threads < 1:
+        parser.error("--threads must be >= 1")
+    # Readers' own log lines (nibabel's "pixdim should be positive; setting to abs", MONAI's missing GPU codecs)
+    # name no file and repeat what the report says better.
+    for name in ("nibabel", "nibabel.global", "monai"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        report = _check_from_options(options)
+    except UsageError as error:
+        parser.exit(EXIT_USAGE, f"{PROG}: error: {error}\n")
+    for finding in report.findings:
+        print(finding.line())
+    print(report.summary(), flush=True)
+    return report.exit_code
+
+
+def _check_from_options(options: argparse.Namespace) -> DataCheckReport:
+    from jointssl.data import JointDataModule
+
+    notes: list[Finding] = []
+    if options.config:
+        datamodule = datamodule_from_config(options.config)
+        images = list(datamodule.image_sources) if options.images is None else list(options.images)
+        volumes = list(datamodule.volume_sources) if options.volumes is None else list(options.volumes)
+        synthetic = datamodule.synthetic
+        if synthetic is not None:
+            images, missing_images = _existing_synthetic_sources(images, synthetic.images_dir)
+            volumes, missing_volumes = _existing_synthetic_sources(volumes, synthetic.volumes_dir)
+            notes = missing_images + missing_volumes
+    else:
+        datamodule = JointDataModule()
+        images, volumes = list(options.images or []), list(options.volumes or [])
+    if not images and not volumes and not notes:
+        raise UsageError("nothing to check: give --images and/or --volumes, or a --config with data sources")
+    report = check_data(images, volumes, settings_from_datamodule(datamodule, options.threads))
+    report.findings[:0] = notes
+    return report
+
+
+def check_data_command(argv: Sequence[str]) -> None:
+    """The ``jointssl check-data`` helper command (see the module docstring); exits with the report's status."""
+    code = run(argv)
+    if code != EXIT_CLEAN:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
