@@ -14,20 +14,170 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that the short class names in configs resolve and `--help` lists them.
 import jointssl.data
 import jointssl.pretrain  # noqa: F401
+from jointssl.tracking import ExperimentConfigCallback
 
 log = logging.getLogger("jointssl")
 
 
 class JointSSLCLI(LightningCLI):
+    """LightningCLI plus the experiment directory and resumption rules of jointssl.
+
+    The experiment directory is `trainer.default_root_dir`. A ModelCheckpoint without a `dirpath` writes to
+    `<experiment>/checkpoints` (Lightning would pick the logger's `version_N` folder, a new one per job, where a
+    requeued job could never find its `last.ckpt`). `fit --ckpt_path last` resumes from the newest `last*.ckpt` of
+    the checkpoint folders when there is one and starts fresh otherwise; the decision is printed on rank 0. A
+    `SLURMEnvironment(auto_requeue=false)` plugin (configs/trainer/slurm.yaml) brings in
+    `jointssl.callbacks.requeue.SlurmRequeue` unless one is configured already.
+    """
+
+    #: Checkpoint folder inside the experiment directory.
+    CHECKPOINT_SUBDIR = "checkpoints"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        self._checkpoints_into_experiment_dir(trainer)
+        self._add_slurm_requeue(trainer)
+        return trainer
+
+    def _checkpoints_into_experiment_dir(self, trainer: Trainer) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        experiment = os.path.realpath(trainer.default_root_dir)
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):
+                continue
+            if callback.dirpath is None:
+                callback.dirpath = os.path.join(experiment, self.CHECKPOINT_SUBDIR)
+            elif self._is_local_path(callback.dirpath) and not self._is_inside(callback.dirpath, experiment):
+                self._print_rank_zero(
+                    f"jointssl: note: ModelCheckpoint writes to {callback.dirpath}, outside the experiment directory "
+                    f"{experiment}; `--ckpt_path last` looks there, so two experiments sharing it resume each other"
+                )
+
+    def _add_slurm_requeue(self, trainer: Trainer) -> None:
+        """A trainer-only file such as configs/trainer/slurm.yaml cannot add a callback without replacing the
+        config's list (jsonargparse applies `--trainer FILE` without the earlier values), so the SLURMEnvironment
+        plugin it sets is what asks for SlurmRequeue here."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        from jointssl.callbacks.requeue import SlurmRequeue
+
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        environment = next((p for p in plugins if isinstance(p, SLURMEnvironment)), None)
+        if environment is None or environment.auto_requeue or environment.requeue_signal is None:
+            return
+        if any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
+            return
+        # Before the checkpoint callbacks, where Lightning keeps them (they run last in every hook).
+        position = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, ModelCheckpoint)),
+                        len(trainer.callbacks))
+        trainer.callbacks.insert(position, SlurmRequeue(requeue_signal=int(environment.requeue_signal)))
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = self._resolve_ckpt_path(config.get("ckpt_path"))
+
+    def _resolve_ckpt_path(self, requested: str | None) -> str | None:
+        """`last` -> the newest `last*.ckpt` (or None: start fresh); None -> None, except where Lightning would
+        silently resume from an `hpc_ckpt_*.ckpt` under Slurm, which is then made explicit. Other values pass."""
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        hpc = self._hpc_checkpoints()
+        if requested == "last":
+            found = self._last_checkpoints() + hpc
+            if not found:
+                folders = ", ".join(self._checkpoint_dirs())
+                self._print_rank_zero(f"jointssl: no checkpoint in {folders}, starting fresh")
+                return None
+            # As Lightning's own "last": the most recently written candidate.
+            path = max(found, key=os.path.getmtime)
+        elif requested is None and hpc and SLURMEnvironment.detect():
+            path = max(hpc, key=os.path.getmtime)
+            self._print_rank_zero(
+                f"jointssl: no --ckpt_path given, but under Slurm Lightning resumes from {path} (left by its "
+                "auto-requeue); pass --ckpt_path to choose, or use a new experiment directory"
+            )
+        elif requested is None or not os.path.isfile(str(requested)):
+            return requested
+        else:
+            path = str(requested)
+        self._print_rank_zero(f"jointssl: resuming from {path} at global step {self._checkpoint_global_step(path)}")
+        return path
+
+    def _checkpoint_dirs(self) -> list[str]:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        return list(dict.fromkeys(dirs)) or [os.path.join(self.trainer.default_root_dir, self.CHECKPOINT_SUBDIR)]
+
+    def _last_checkpoints(self) -> list[str]:
+        """What Lightning's `ckpt_path="last"` considers: each ModelCheckpoint's `last.ckpt` / `last-vN.ckpt` (where
+        `SlurmRequeue` saves too; `<experiment>/checkpoints` without one) and OnExceptionCheckpoint files."""
+        from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+        checkpoints = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        folders = [(c.dirpath, c.CHECKPOINT_NAME_LAST) for c in checkpoints] or [
+            (self._checkpoint_dirs()[0], ModelCheckpoint.CHECKPOINT_NAME_LAST)
+        ]
+        found = []
+        for folder, name in folders:
+            if os.path.isdir(folder):
+                last = re.compile(rf"{re.escape(name)}(-v?\d+)?{re.escape(ModelCheckpoint.FILE_EXTENSION)}")
+                found += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if last.fullmatch(f)]
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path):
+                found.append(callback.ckpt_path)
+        return list(dict.fromkeys(found))
+
+    def _hpc_checkpoints(self) -> list[str]:
+        """`hpc_ckpt_<N>.ckpt` files Lightning's own Slurm auto-requeue leaves in `default_root_dir`."""
+        root = self.trainer.default_root_dir
+        if not os.path.isdir(root):
+            return []
+        return [os.path.join(root, name) for name in os.listdir(root) if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", name)]
+
+    @staticmethod
+    def _print_rank_zero(message: str) -> None:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            print(message, flush=True)
+
+    @staticmethod
+    def _is_local_path(path: str) -> bool:
+        return "://" not in str(path)
+
+    @staticmethod
+    def _is_inside(path: str, folder: str) -> bool:
+        path, folder = os.path.realpath(path), os.path.realpath(folder)
+        return os.path.commonpath([path, folder]) == folder
+
+    @staticmethod
+    def _checkpoint_global_step(path: str) -> int | str:
+        """`global_step` of a Lightning checkpoint, read memory-mapped (tensors are not read); "unknown" when the
+        file cannot be read that way (Lightning's own load reports why)."""
+        import torch
+
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - only for the message; the real load follows and raises
+            return f"unknown ({type(error).__name__})"
+        return int(checkpoint.get("global_step", 0))
+
     def after_fit(self) -> None:
         # Researchers need to know where the weights went without digging through the log directory.
         checkpoint = self.trainer.checkpoint_callback
@@ -62,8 +212,16 @@ def export_command(argv: Sequence[str]) -> None:
 
 
 #: Helper commands: name -> (one-line help, handler taking the remaining arguments).
+def check_data_command(argv: Sequence[str]) -> None:
+    """`jointssl check-data`: decode every training file once and report all bad ones (see jointssl.check_data)."""
+    from jointssl.check_data import check_data_command as run_check_data
+
+    run_check_data(argv)
+
+
 HELPER_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "export": ("Export pretrained encoders (safetensors + config.json) for downstream use.", export_command),
+    "check-data": ("Check every training image and volume once; report all bad files (exit 1 if any).", check_data_command),
 }
 
 
@@ -87,6 +245,8 @@ def main(args: ArgsType = None) -> None:
         subclass_mode_data=True,
         # A second run in the same directory must not fail on an existing config.yaml.
         save_config_kwargs={"overwrite": True},
+        # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
+        save_config_callback=ExperimentConfigCallback,
         # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
         parser_kwargs={"epilog": _helper_epilog()},
         args=args,
