@@ -26,6 +26,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 # Imported so that the short class names in configs resolve and `--help` lists them.
 import jointssl.data
 import jointssl.pretrain  # noqa: F401
+from jointssl.checkpointing import install_atomic_checkpoint_io
 from jointssl.tracking import ExperimentConfigCallback
 
 log = logging.getLogger("jointssl")
@@ -47,6 +48,8 @@ class JointSSLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # Every command (pretraining and downstream) writes checkpoints through temp file + rename.
+        install_atomic_checkpoint_io(trainer)
         self._checkpoints_into_experiment_dir(trainer)
         self._add_slurm_requeue(trainer)
         return trainer

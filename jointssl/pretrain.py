@@ -14,11 +14,13 @@ import math
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
 
 from jointssl import distributed
+from jointssl.callbacks.resume import ExactResume
+from jointssl.checkpointing import AtomicCheckpoints
 from jointssl.losses import DeepClusterMemory, SwAVLoss, keyed_uniform, masked_embedding_loss, random_slice_mask
 from jointssl.losses.clustering import ClusteringTask
 from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
@@ -283,6 +285,11 @@ class JointSSL(LightningModule):
             if any(name.startswith(owner + ".") for owner in owners):
                 names.append(name)
         return names
+
+    def configure_callbacks(self) -> list[Callback]:
+        # Part of the module, not of a config: without them a killed run cannot resume exactly (each rank's RNG
+        # state, the loaders' positions) and a kill during a save could corrupt last.ckpt.
+        return [ExactResume(), AtomicCheckpoints()]
 
     def train(self, mode: bool = True) -> JointSSL:
         super().train(mode)

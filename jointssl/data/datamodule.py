@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from jointssl import distributed
 from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.sampling import ResumableDataLoader, ResumableSampler, SeededDataset
 from jointssl.data.sources import ImageRecord, discover_images, drop_bad_files, find_bad_files
 from jointssl.data.synthetic import SyntheticData, generate_synthetic_data
 from jointssl.data.transforms import MultiCropTransform
@@ -25,7 +26,8 @@ from jointssl.data.volume_transforms import VolumeViews
 
 logger = logging.getLogger("jointssl.data")
 
-# Independent random streams per rank: the shuffling/worker seeds of each loader and the volume augmentation.
+# Independent random streams derived from `seed`: the sample order and augmentation seeds of each loader (the same
+# on every rank), the DataLoader generator of each loader and the default volume augmentation (per rank).
 _IMAGES_LOADER_STREAM, _VOLUMES_LOADER_STREAM, _VOLUME_VIEWS_STREAM = 0, 1, 2
 
 
@@ -54,9 +56,16 @@ class JointDataModule(pl.LightningDataModule):
     to ``num_samples`` (see ``image_index_range``, ``slice_index_range``, ``volume_index_range``).
 
     ``setup("fit")`` decodes every image and every volume once before training (split across ranks under DDP)
-    and reports every bad file at once. Both loaders shuffle and drop the last partial batch; under DDP
-    Lightning gives each a ``DistributedSampler`` (disjoint shards, reshuffled every epoch; when a stream's size
-    is not a multiple of the world size, the sampler repeats up to world_size - 1 samples per epoch).
+    and reports every bad file at once. Both loaders shuffle and drop the last partial batch. Their samplers are
+    :class:`~jointssl.data.sampling.ResumableSampler` s, DistributedSamplers sharded by the trainer's rank and
+    world size (Lightning adds none of its own): disjoint shards, reshuffled every epoch; when a stream's size is
+    not a multiple of the world size, up to world_size - 1 samples are repeated per epoch. The shorter stream,
+    cycled within an epoch, is reshuffled for every pass.
+
+    Resuming: the loaders are stateful (:class:`~jointssl.data.sampling.ResumableDataLoader`): Lightning stores
+    their position in checkpoints and a resumed run continues mid-epoch at the next batch, in the same order.
+    Every sample's augmentation is seeded from (``seed``, epoch, pass, slot in the order), not from worker
+    processes, so the resumed run also draws the same crops and views.
 
     The constructor arguments are the data section of the config.
 
@@ -104,9 +113,8 @@ class JointDataModule(pl.LightningDataModule):
         validation_threads: threads used to decode every image and volume once during ``setup``.
         pin_memory: pin batches in page-locked memory (only takes effect when CUDA is available).
         persistent_workers: keep DataLoader workers alive between epochs (only with ``num_workers > 0``).
-        seed: seed of the shuffling (single process), of the workers' augmentation RNG and of the volume
-            augmentation (offset by rank); under DDP the samplers' order comes from Lightning's
-            ``DistributedSampler`` (seeded by ``seed_everything``).
+        seed: seed of the sample order and of the augmentation (the same on every rank: ranks read disjoint
+            shards of one permutation, and each slot of it has its own augmentation seed).
     """
 
     def __init__(
@@ -194,6 +202,9 @@ class JointDataModule(pl.LightningDataModule):
         self.volume_dataset: VolumeDataset | None = None  # what the "volumes" loader reads
         self._image_records: list[ImageRecord] = []
         self._ranges: dict[str, range] | None = None
+        # The loaders of the last train_dataloader() call, and loader states from a checkpoint not yet applied.
+        self._train_loaders: dict[str, ResumableDataLoader] = {}
+        self._pending_loader_states: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -257,20 +268,38 @@ class JointDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         """``CombinedLoader({"images": DataLoader, "volumes": DataLoader}, mode="max_size_cycle")``, each key only
-        when its stream is non-empty. Each DataLoader shuffles and drops the last partial batch; under DDP
-        Lightning swaps its sampler for a ``DistributedSampler`` (disjoint shards, reshuffled every epoch through
-        ``set_epoch``)."""
+        when its stream is non-empty. Each is a :class:`~jointssl.data.sampling.ResumableDataLoader` over this
+        rank's shard (the trainer's global rank and world size; Lightning calls ``set_epoch`` to reshuffle every
+        epoch), dropping the last partial batch."""
         self._require_setup()
         loaders: dict[str, DataLoader] = {}
         if self.image_stream is not None:
             loaders["images"] = self._loader(
-                self.image_stream, self.batch_size, collate_multicrop, _IMAGES_LOADER_STREAM
+                SeededDataset(self.image_stream), self.batch_size, collate_multicrop, _IMAGES_LOADER_STREAM
             )
         if self.volume_dataset is not None:
-            loaders["volumes"] = self._loader(
-                self.volume_dataset, self.volume_batch_size, collate_volumes, _VOLUMES_LOADER_STREAM
-            )
+            # The volume augmentation draws from MONAI's random states, not torch's: seed them per sample too.
+            volumes = SeededDataset(self.volume_dataset, reseed=[self.volume_dataset.views.reseed])
+            loaders["volumes"] = self._loader(volumes, self.volume_batch_size, collate_volumes, _VOLUMES_LOADER_STREAM)
+        self._train_loaders = loaders
+        self._apply_loader_states()
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the training loaders (saved in checkpoints by Lightning). Lightning also stores the
+        state of stateful loaders in its fit loop, but does not restore it when ``configure_optimizers`` has read
+        ``trainer.estimated_stepping_batches`` (as JointSSL's scheduler does), since that builds the loaders
+        before the checkpoint's loop state is loaded (Lightning-AI/pytorch-lightning#20550). This copy is restored
+        with the data module, before the loaders are built."""
+        if not self._train_loaders:
+            return {}
+        return {"loaders": {name: loader.state_dict() for name, loader in self._train_loaders.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loaders at the saved position (applied to the loaders when they are built, or at
+        once to those already built)."""
+        self._pending_loader_states = dict(state_dict.get("loaders", {}))
+        self._apply_loader_states()
 
     # ------------------------------------------------------------------------------------------------------
     # Sources, sizes and index layout
@@ -411,25 +440,45 @@ class JointDataModule(pl.LightningDataModule):
             "volumes": range(n_2d, n_2d + n_volumes),
         }
 
-    def _loader(self, dataset: Dataset, batch_size: int, collate_fn, stream: int) -> DataLoader:
+    def _apply_loader_states(self) -> None:
+        if not self._pending_loader_states or not self._train_loaders:
+            return
+        if set(self._pending_loader_states) != set(self._train_loaders):
+            logger.warning(
+                "checkpoint holds loader states for the streams %s, this run has %s: the epoch restarts",
+                sorted(self._pending_loader_states), sorted(self._train_loaders),
+            )
+        else:
+            for name, loader in self._train_loaders.items():
+                loader.load_state_dict(self._pending_loader_states[name])
+        self._pending_loader_states = {}
+
+    def _loader(self, dataset: Dataset, batch_size: int, collate_fn, stream: int) -> ResumableDataLoader:
         use_workers = self.num_workers > 0
-        return DataLoader(
+        sampler = ResumableSampler(
+            dataset, num_replicas=self._world_size(), rank=self._rank(), seed=self._stream_seed(stream), shuffle=True
+        )
+        return ResumableDataLoader(
             dataset,
+            sampler=sampler,
             batch_size=batch_size,
-            shuffle=True,
-            drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate_fn,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and use_workers,
-            # Per rank and stream: ranks would otherwise draw identical augmentation streams for their different
-            # samples, and the two loaders' workers identical seeds.
+            # Only seeds the workers (augmentation is seeded per sample); an own generator keeps each iter() from
+            # drawing that seed from the training process's global RNG.
             generator=torch.Generator().manual_seed(self._rank_seed(stream)),
         )
 
+    def _stream_seed(self, stream: int) -> int:
+        """The seed of one loader's order and augmentation, derived from ``seed``: the same on every rank."""
+        entropy = [self.seed % 2**64, stream]
+        return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] % 2**62)
+
     def _rank_seed(self, stream: int) -> int:
         """A seed for one random stream of this rank, derived from ``seed``."""
-        entropy = [self.seed % 2**64, distributed.rank(), stream]
+        entropy = [self.seed % 2**64, self._rank(), stream]
         return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
     def _require_setup(self) -> dict[str, range]:
@@ -442,6 +491,10 @@ class JointDataModule(pl.LightningDataModule):
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else distributed.world_size()
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else distributed.rank()
 
     def _find_bad_images(self, records: list[ImageRecord], threads: int) -> list[BadFileError]:
         """Decode this rank's share of the images; return every rank's findings, in record order."""

@@ -26,7 +26,8 @@ class MultiCropTransform:
     independently: random resized crop (area fraction in ``*_scale``, aspect ratio 3/4..4/3), horizontal flip with
     ``flip_p``, with probability ``jitter_p`` brightness and contrast jitter (factors in ``1 +- brightness`` /
     ``1 +- contrast``, values clamped to [0, 1]), and with probability ``blur_p`` a Gaussian blur (sigma in
-    ``blur_sigma``). Randomness comes from torch's global RNG, which DataLoader seeds per worker.
+    ``blur_sigma``). Randomness comes from torch's global RNG; the training loader seeds it per sample (see
+    :class:`~jointssl.data.sampling.SeededDataset`), so a sample's crops depend only on (seed, epoch, pass, slot).
     """
 
     def __init__(
