@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -41,8 +42,9 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss or gradient."""
 
 
-def describe_batch(batch: dict[str, Any], limit: int = 8) -> str:
-    """The samples of a training batch for messages: each stream's global indices and sources (at most `limit`)."""
+def describe_batch(batch: dict[str, Any], describe_sample: Callable[[int], str] | None = None, limit: int = 8) -> str:
+    """The samples of a training batch for messages: each stream's global indices and sources, and with
+    `describe_sample` (e.g. `JointDataModule.describe_sample`) the files behind the first `limit` of them."""
     parts = []
     for stream, fields in batch.items():
         if fields is None:
@@ -50,7 +52,10 @@ def describe_batch(batch: dict[str, Any], limit: int = 8) -> str:
         index = fields["index"].tolist()
         sources = sorted(set(fields.get("source", [])))
         more = f" (+{len(index) - limit} more)" if len(index) > limit else ""
-        parts.append(f"{stream} index {index[:limit]}{more} from {', '.join(sources) or 'unknown sources'}")
+        text = f"{stream} index {index[:limit]}{more} from {', '.join(sources) or 'unknown sources'}"
+        if describe_sample is not None:
+            text += " (" + ", ".join(describe_sample(i) for i in index[:limit]) + more + ")"
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -525,7 +530,7 @@ class JointSSL(LightningModule):
         message = (
             f"{what} at global step {self.global_step} (epoch {self.current_epoch}); step skipped "
             f"({self._consecutive_bad_steps} in a row, {self._skipped_steps} in this run); batch: "
-            f"{describe_batch(self._batch_samples)}"
+            f"{describe_batch(self._batch_samples, getattr(self.trainer.datamodule, 'describe_sample', None))}"
         )
         if self._consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
             raise NonFiniteTrainingError(

@@ -56,7 +56,8 @@ def test_a_non_finite_loss_step_is_skipped_and_counted(tmp_path: Path, caplog) -
     assert all(torch.isfinite(b).all() for b in net.buffers() if b.is_floating_point())
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
     assert "non-finite loss term(s) L_intra at global step 2" in caplog.text
-    assert "images index [" in caplog.text and "from images" in caplog.text  # the batch's samples and source
+    # The batch's samples, their source and the files behind them.
+    assert "images index [" in caplog.text and "from images" in caplog.text and ".png" in caplog.text
 
 
 def test_consecutive_bad_steps_stop_the_run_naming_term_and_samples(tmp_path: Path) -> None:
@@ -106,3 +107,21 @@ def test_collapse_alarm_warns_and_metrics_are_logged(tmp_path: Path, caplog) -> 
         fit(model(collapse_min_prototypes_used=0.0, collapse_min_entropy=0.0), tiny_data(tmp_path), tmp_path,
             max_epochs=1)
     assert "collapse alarm" not in caplog.text
+
+
+def test_samples_are_described_by_their_files(tmp_path: Path) -> None:
+    from jointssl.data import SyntheticData
+
+    data = tiny_data(tmp_path, synthetic=SyntheticData(root=str(tmp_path), num_images=8, image_size=40,
+                                                       num_volumes=2, volume_shape=[40, 40, 6]),
+                     num_slices=4, volume_size=32, volume_batch_size=2, slice_stride=2)
+    data.prepare_data()
+    data.setup("fit")
+    first_image = data.describe_sample(data.image_index_range[0])
+    assert first_image == data.image_records[0].path and first_image.endswith(".png")
+    slices = data.slice_index_range
+    volume = data.volume_records[0].path
+    # Every 2nd of 6 slices, centred: slices 0, 2, 4 of the first volume come first.
+    assert [data.describe_sample(i) for i in slices[:3]] == [f"{volume} slice {k}" for k in (0, 2, 4)]
+    assert data.describe_sample(data.volume_index_range[1]) == data.volume_records[1].path
+    assert "not in this data module" in data.describe_sample(data.num_samples)

@@ -386,6 +386,19 @@ class JointDataModule(pl.LightningDataModule):
         self._require_setup()
         return list(self.volume_dataset.volumes.records) if self.volume_dataset is not None else []
 
+    def describe_sample(self, index: int) -> str:
+        """The file behind a global sample index, for messages: an image path, ``<volume path> slice <k>`` for a
+        slice of the slice stream, or a volume path."""
+        ranges = self._require_setup()
+        if index in ranges["images"]:
+            return self._image_records[index].path
+        if index in ranges["slices"] and self.slice_dataset is not None:
+            volume, slice_index = self.slice_dataset.base.locate(index - ranges["slices"].start)
+            return f"{self.volume_records[volume].path} slice {slice_index}"
+        if index in ranges["volumes"]:
+            return self.volume_records[index - ranges["volumes"].start].path
+        return f"sample {index} (not in this data module)"
+
     # ------------------------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------------------------
