@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -237,6 +238,9 @@ def main(args: ArgsType = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # MONAI announces on import that an optional GPU DICOM decoder is missing; jointssl does not use it.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    # Frozen and unused parts run in eval mode on purpose (their BatchNorm statistics must not drift; JointSSL logs
+    # which parts they are), which Lightning reports as a possible mistake at every start.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv and argv[0] in HELPER_COMMANDS:
         HELPER_COMMANDS[argv[0]][1](argv[1:])
