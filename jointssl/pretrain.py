@@ -201,6 +201,9 @@ class JointSSL(LightningModule):
         self._skipped_steps = 0
         self._skip_optimizer_step = False
         self._batch_samples: dict[str, Any] = {}
+        # BatchNorm running statistics and their copy from before the current step (set in on_train_start).
+        self._norm_statistics: list[Tensor] = []
+        self._norm_snapshot: list[Tensor] = []
 
     # ------------------------------------------------------------------ set-up
     def _init_from_checkpoint(self, path: str) -> None:
@@ -422,6 +425,12 @@ class JointSSL(LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
+        # Found once, here: the model is on its device by now (moving it replaces the buffer tensors).
+        self._norm_statistics = [
+            buffer for module in self.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None
+        ]
+        self._norm_snapshot = [buffer.clone() for buffer in self._norm_statistics]
         if self.intra.memory_is_empty() or self.inter.memory_is_empty():
             self._fill_memory_banks()
 
@@ -460,7 +469,7 @@ class JointSSL(LightningModule):
         if self.hparams.inter_weight > 0 and getattr(self.trainer.datamodule, "num_volumes", 0) > 0:
             self.inter.on_epoch_start(seed=self.current_epoch)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.intra.before_step()
         self.inter.before_step()
         self._snapshot_norm_statistics()
@@ -499,27 +508,15 @@ class JointSSL(LightningModule):
         bad = distributed.all_reduce_max(bad)
         return [f"L_{name}" for name, flag in zip(names, bad.tolist()) if flag]
 
-    def _norm_statistics(self) -> list[Tensor]:
-        return [
-            buffer for module in self.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None
-        ]
-
     def _snapshot_norm_statistics(self) -> None:
         """BatchNorm running statistics before the forward pass: a skipped step must not leave its NaN batch
         statistics in them (training would go on, but every evaluation-mode use of the encoder would be NaN)."""
-        statistics = self._norm_statistics()
-        if not statistics:
-            return
-        if len(getattr(self, "_norm_snapshot", ())) != len(statistics):
-            self._norm_snapshot = [buffer.clone() for buffer in statistics]
-        else:
-            torch._foreach_copy_(self._norm_snapshot, statistics)
+        if self._norm_statistics:
+            torch._foreach_copy_(self._norm_snapshot, self._norm_statistics)
 
     def _restore_norm_statistics(self) -> None:
-        statistics = self._norm_statistics()
-        if statistics:
-            torch._foreach_copy_(statistics, self._norm_snapshot)
+        if self._norm_statistics:
+            torch._foreach_copy_(self._norm_statistics, self._norm_snapshot)
 
     def _fp16(self) -> bool:
         return str(self.trainer.precision).startswith("16")
