@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -137,6 +137,18 @@ def check_data(
     return report
 
 
+def _scan_each(sources: Sequence[str | os.PathLike], scan_sources: Callable, into: Any) -> list[Finding]:
+    """Scan the sources one at a time into `into` (an ImageSourceScan / VolumeSourceScan): a manifest that cannot
+    be read is one unreadable finding, not the end of the check. Returns those findings."""
+    unreadable = []
+    for source in sources:
+        try:
+            into.extend(scan_sources([source]))
+        except (ValueError, OSError, csv.Error) as error:
+            unreadable.append(_unreadable_manifest(source, error))
+    return unreadable
+
+
 def _unreadable_manifest(source: str | os.PathLike, error: Exception) -> Finding:
     return Finding(str(source), "error", f"cannot read the manifest: {type(error).__name__}: {error}")
 
@@ -147,16 +159,8 @@ def _check_images(sources: Sequence[str | os.PathLike], settings: CheckSettings,
     from jointssl.data.image_io import MIN_IMAGE_SIDE
     from jointssl.data.sources import ImageSourceScan, check_images, scan_image_sources
 
-    scan, unreadable = ImageSourceScan(), []
-    for source in sources:  # one at a time: a manifest that cannot be read is one bad file, not the end
-        try:
-            found = scan_image_sources([source])
-        except (ValueError, OSError, csv.Error) as error:
-            unreadable.append(_unreadable_manifest(source, error))
-            continue
-        scan.records += found.records
-        scan.missing += found.missing
-        scan.notes += found.notes
+    scan = ImageSourceScan()
+    unreadable = _scan_each(sources, scan_image_sources, scan)
     findings += unreadable
     findings += [Finding(error.path, "error", error.reason) for error in scan.missing]
     findings += [Finding(path, "warning", note) for path, note in scan.notes]
@@ -183,18 +187,8 @@ def _check_volumes(sources: Sequence[str | os.PathLike], settings: CheckSettings
     back to the manifest's line."""
     from jointssl.data.volume_io import VolumeSourceScan, check_volumes, scan_volume_sources
 
-    scan, unreadable = VolumeSourceScan(), []
-    for source in sources:
-        try:
-            found = scan_volume_sources([source])
-        except (ValueError, OSError, csv.Error) as error:
-            unreadable.append(_unreadable_manifest(source, error))
-            continue
-        scan.records += found.records
-        scan.problems += found.problems
-        scan.notes += found.notes
-        scan.ignored += found.ignored
-        scan.origins.update(found.origins)
+    scan = VolumeSourceScan()
+    unreadable = _scan_each(sources, scan_volume_sources, scan)
     findings += unreadable
     findings += [Finding(error.path, "error", error.reason) for error in scan.problems]
     findings += [Finding(path, "warning", note) for path, note in scan.notes]

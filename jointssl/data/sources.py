@@ -61,6 +61,12 @@ class ImageSourceScan:
     missing: list[BadFileError] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
 
+    def extend(self, other: ImageSourceScan) -> None:
+        """Add what another scan found (e.g. of one more source)."""
+        self.records += other.records
+        self.missing += other.missing
+        self.notes += other.notes
+
 
 def scan_image_sources(sources: Sequence[str | Path]) -> ImageSourceScan:
     """List the image files of every source (see :func:`discover_images`), keeping every problem found instead of

@@ -778,6 +778,14 @@ class VolumeSourceScan:
     ignored: list[str] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)
 
+    def extend(self, other: VolumeSourceScan) -> None:
+        """Add what another scan found (e.g. of one more source)."""
+        self.records += other.records
+        self.problems += other.problems
+        self.notes += other.notes
+        self.ignored += other.ignored
+        self.origins.update(other.origins)
+
 
 def scan_volume_sources(sources: Iterable[str | os.PathLike]) -> VolumeSourceScan:
     """Find the volumes of every source (see :func:`discover_volumes`), keeping every problem found instead of
