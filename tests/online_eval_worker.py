@@ -16,7 +16,9 @@ from tests.gloo_ranks import worker_main
 def evaluate(image_root: str) -> dict:
     torch.manual_seed(0)
     encoder = SliceEncoder("test_resnet", d_model=16)
-    callback = OnlineKNNEvaluation(images=[image_root], image_size=32, k=5, query_fraction=0.3)
+    callback = OnlineKNNEvaluation(
+        images=[image_root], image_size=32, k=5, query_fraction=0.3, probes=["knn", "linear"]
+    )
     callback.setup(None, None, "fit")
     return callback.evaluate(encoder, torch.device("cpu"))
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jointssl.callbacks.online_eval import OnlineKNNEvaluation, labelled_records, weighted_knn_predict
+from jointssl.callbacks.online_eval import OnlineKNNEvaluation, labelled_records
+from jointssl.evaluation.probes import weighted_knn_predict
 from jointssl.pretrain import JointSSL
 from tests.gloo_ranks import run_ranks
 from tests.online_eval_worker import evaluate
@@ -73,6 +74,34 @@ def test_rejects_a_single_class(tmp_path: Path) -> None:
     callback = OnlineKNNEvaluation(images=[str(root / "disc")])  # the class folder itself: no sub-folders
     with pytest.raises(ValueError, match="at least 2 classes"):
         callback.setup(None, None, "fit")
+
+
+def test_linear_probe_online_is_the_shared_probe(tmp_path: Path) -> None:
+    """probes=[knn, linear]: both sets of metrics, each equal to the shared probes on the callback's embeddings."""
+    from jointssl.evaluation import probes
+    from jointssl.models import SliceEncoder
+
+    images = write_two_classes(tmp_path / "labelled", per_class=12)
+    callback = OnlineKNNEvaluation(images=[str(images)], image_size=32, k=5, query_fraction=0.3,
+                                   probes=["knn", "linear"], probe_weight_decay=1e-3)
+    callback.setup(None, None, "fit")
+    torch.manual_seed(0)
+    encoder = SliceEncoder("test_resnet", d_model=16)
+    metrics = callback.evaluate(encoder, torch.device("cpu"))
+    assert set(metrics) == {"online_eval/knn_top1", "online_eval/knn_balanced_accuracy",
+                            "online_eval/linear_top1", "online_eval/linear_balanced_accuracy"}
+    embeddings, labels, query = callback.embed(encoder, torch.device("cpu")), callback._labels, callback._is_query
+    linear = probes.linear_probe(embeddings[~query], labels[~query], embeddings[query], 2, weight_decay=1e-3)
+    knn = probes.knn_probe(embeddings[~query], labels[~query], embeddings[query], 2, k=5, temperature=0.07)
+    assert metrics["online_eval/linear_top1"] == probes.accuracy(linear.predicted, labels[query])
+    assert metrics["online_eval/linear_balanced_accuracy"] == probes.balanced_accuracy(linear.predicted, labels[query])
+    assert metrics["online_eval/knn_top1"] == probes.accuracy(knn.predicted, labels[query])
+    only_linear = OnlineKNNEvaluation(images=[str(images)], image_size=32, query_fraction=0.3, probes=["linear"])
+    only_linear.setup(None, None, "fit")
+    assert set(only_linear.evaluate(encoder, torch.device("cpu"))) == {
+        "online_eval/linear_top1", "online_eval/linear_balanced_accuracy"}
+    with pytest.raises(ValueError, match="probes must be"):
+        OnlineKNNEvaluation(images=[str(images)], probes=["svm"])
 
 
 @pytest.mark.ddp

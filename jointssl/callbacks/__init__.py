@@ -5,7 +5,8 @@
 - `jointssl.callbacks.resume.ExactResume`: each rank's RNG state in checkpoints, for bit-exact resumption (JointSSL
   adds it itself).
 - `jointssl.callbacks.example_images.ExampleImageLogger`: crop, volume-view and cluster montages at an interval.
-- `jointssl.callbacks.online_eval.OnlineKNNEvaluation`: weighted kNN accuracy of the encoder on labelled images.
+- `jointssl.callbacks.online_eval.OnlineKNNEvaluation`: weighted kNN (and linear-probe) accuracy of the encoder on
+  labelled images, computed by `jointssl.evaluation.probes` as `jointssl evaluate` does.
 
 The package imports none of them, so that importing one does not import the others' dependencies.
 """

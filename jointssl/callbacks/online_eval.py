@@ -1,7 +1,7 @@
-"""Online evaluation during pretraining: a weighted k-nearest-neighbour classifier on the slice encoder's
-embeddings of a small labelled image set (the monitor of InstDisc / DINO / solo-learn). It answers, every few
-epochs and without a downstream run, whether the representation is getting more useful — the SSL losses alone do
-not say so.
+"""Online evaluation during pretraining: a weighted k-nearest-neighbour classifier (and optionally the linear
+probe) on the slice encoder's embeddings of a small labelled image set (the monitor of InstDisc / DINO /
+solo-learn). It answers, every few epochs and without a downstream run, whether the representation is getting more
+useful — the SSL losses alone do not say so.
 
     trainer:
       callbacks:
@@ -9,44 +9,35 @@ not say so.
           init_args:
             images: [/data/cxr_labelled]      # class = first sub-folder (ImageFolder layout), or a CSV with label
             every_n_epochs: 1
+            probes: [knn, linear]
+
+The probes, the label discovery and the preprocessing are those of `jointssl evaluate`
+(:mod:`jointssl.evaluation.probes`, :mod:`jointssl.evaluation.inputs`), so online and offline numbers are computed
+the same way (the online split is a fixed hash-based one, the offline one is grouped).
 
 Under DDP each rank embeds its share of the images; the embeddings are gathered, so every rank computes the same
-accuracy, equal to a single process's.
+accuracy, equal to a single process's (the linear probe runs in float64 on CPU, deterministically).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from jointssl import distributed
-from jointssl.data.image_io import load_image_2d
-from jointssl.data.sources import ImageRecord, discover_images
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.evaluation import probes as probe_functions
+from jointssl.evaluation.inputs import labelled_records, preprocess_image
 
 log = logging.getLogger("jointssl")
 
+__all__ = ["OnlineKNNEvaluation", "is_query", "labelled_records"]
 
-def labelled_records(sources: list[str]) -> list[tuple[ImageRecord, str]]:
-    """Images with their class: a CSV manifest's ``label`` column, or for a folder the name of the sub-folder
-    directly under it that holds the image (``root/<class>/.../image.png``). Unlabelled images are left out."""
-    labelled = []
-    for source in sources:
-        root = Path(source)
-        for record in discover_images([source]):
-            label = record.label
-            if label is None and root.is_dir():
-                parts = Path(record.path).relative_to(root.resolve()).parts
-                label = parts[0] if len(parts) > 1 else None
-            if label not in (None, ""):
-                labelled.append((record, str(label)))
-    return labelled
+Probe = Literal["knn", "linear"]
 
 
 def is_query(path: str, query_fraction: float) -> bool:
@@ -55,22 +46,11 @@ def is_query(path: str, query_fraction: float) -> bool:
     return digest / 2**64 < query_fraction
 
 
-def weighted_knn_predict(
-    bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int, temperature: float
-) -> Tensor:
-    """Class of each query by the temperature-weighted vote of its k most cosine-similar bank rows
-    (weight exp(similarity / temperature), as in Wu et al. 2018). Returns [Q] class indices."""
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1)
-    similarity, neighbours = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
-    votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-    votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
-    return votes.argmax(dim=1)
-
-
 class OnlineKNNEvaluation(Callback):
     """Weighted kNN accuracy of f_intra's embeddings on labelled 2D images, logged as ``online_eval/knn_top1``
-    and ``online_eval/knn_balanced_accuracy`` (mean per-class recall: robust to class imbalance).
+    and ``online_eval/knn_balanced_accuracy`` (mean per-class recall: robust to class imbalance); with
+    ``"linear"`` in ``probes`` also the linear probe's, as ``online_eval/linear_top1`` and
+    ``online_eval/linear_balanced_accuracy``. The bank (training split of the probes) is the non-query images.
 
     Args:
         images: labelled 2D image sources: folders in ImageFolder layout (class = first sub-folder) or CSV
@@ -82,6 +62,11 @@ class OnlineKNNEvaluation(Callback):
         temperature: vote weight exp(similarity / temperature).
         batch_size: images per encoder forward pass.
         max_images: at most this many images (a fixed, hash-based choice) are used; keeps the monitor cheap.
+        probes: which probes to run: "knn" (:func:`jointssl.evaluation.probes.knn_probe`) and/or "linear"
+            (:func:`jointssl.evaluation.probes.linear_probe`: standardised features, L2-regularised multinomial
+            logistic regression by L-BFGS).
+        probe_weight_decay: the linear probe's L2 penalty (weight_decay * sum of squared weights).
+        probe_max_iter: the linear probe's L-BFGS iterations.
     """
 
     def __init__(
@@ -94,11 +79,17 @@ class OnlineKNNEvaluation(Callback):
         temperature: float = 0.07,
         batch_size: int = 64,
         max_images: int = 5000,
+        probes: list[Probe] = ["knn"],  # a list default, so that --print_config shows it; never mutated
+        probe_weight_decay: float = probe_functions.DEFAULT_WEIGHT_DECAY,
+        probe_max_iter: int = probe_functions.DEFAULT_MAX_ITER,
     ) -> None:
         if not 0.0 < query_fraction < 1.0:
             raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
         if every_n_epochs < 1 or k < 1 or batch_size < 1 or max_images < 2:
             raise ValueError("every_n_epochs, k and batch_size must be >= 1 and max_images >= 2")
+        unknown = sorted(set(probes) - {"knn", "linear"})
+        if unknown or not probes:
+            raise ValueError(f"probes must be a non-empty list of 'knn' and 'linear', got {list(probes)}")
         self.sources = list(images)
         self.every_n_epochs = every_n_epochs
         self.image_size = image_size
@@ -107,6 +98,9 @@ class OnlineKNNEvaluation(Callback):
         self.temperature = temperature
         self.batch_size = batch_size
         self.max_images = max_images
+        self.probes = list(dict.fromkeys(probes))
+        self.probe_weight_decay = probe_weight_decay
+        self.probe_max_iter = probe_max_iter
         self._images: Tensor | None = None  # this rank's share, preprocessed
         self._positions: Tensor | None = None  # their positions in the full list
         self._labels: Tensor | None = None  # class index of every image (all ranks)
@@ -131,15 +125,12 @@ class OnlineKNNEvaluation(Callback):
         # Each rank decodes only its share: the images are read once, before training.
         positions = list(range(distributed.rank(), len(records), distributed.world_size()))
         self._positions = torch.tensor(positions, dtype=torch.long)
-        self._images = torch.stack([self._preprocess(records[i][0].path) for i in positions]) if positions else \
-            torch.empty(0, 1, self.image_size, self.image_size)
+        if positions:
+            self._images = torch.stack([preprocess_image(records[i][0].path, self.image_size) for i in positions])
+        else:
+            self._images = torch.empty(0, 1, self.image_size, self.image_size)
         log.info("online kNN evaluation: %d labelled images (%d queries), classes %s",
                  len(records), int(self._is_query.sum()), ", ".join(self.classes))
-
-    def _preprocess(self, path: str) -> Tensor:
-        image = torch.from_numpy(load_image_2d(path)).float()[None, None]
-        image = F.interpolate(image, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return ((image[0].clamp(0, 1) - NORMALIZE_MEAN) / NORMALIZE_STD).contiguous()
 
     @torch.no_grad()
     def embed(self, encoder: torch.nn.Module, device: torch.device) -> Tensor:
@@ -160,15 +151,21 @@ class OnlineKNNEvaluation(Callback):
     def evaluate(self, encoder: torch.nn.Module, device: torch.device) -> dict[str, float]:
         embeddings = self.embed(encoder, device)
         labels, query = self._labels.to(device), self._is_query.to(device)
-        predicted = weighted_knn_predict(
-            embeddings[~query], labels[~query], embeddings[query], len(self.classes), self.k, self.temperature
-        )
-        truth = labels[query]
-        recalls = [(predicted[truth == c] == c).float().mean() for c in range(len(self.classes)) if (truth == c).any()]
-        return {
-            "online_eval/knn_top1": float((predicted == truth).float().mean()),
-            "online_eval/knn_balanced_accuracy": float(torch.stack(recalls).mean()),
-        }
+        bank, bank_labels, queries, truth = embeddings[~query], labels[~query], embeddings[query], labels[query]
+        metrics = {}
+        if "knn" in self.probes:
+            knn = probe_functions.knn_probe(bank, bank_labels, queries, len(self.classes), self.k, self.temperature)
+            metrics["online_eval/knn_top1"] = probe_functions.accuracy(knn.predicted, truth)
+            metrics["online_eval/knn_balanced_accuracy"] = probe_functions.balanced_accuracy(knn.predicted, truth)
+        if "linear" in self.probes:
+            linear = probe_functions.linear_probe(
+                bank, bank_labels, queries, len(self.classes), self.probe_weight_decay, self.probe_max_iter
+            )
+            metrics["online_eval/linear_top1"] = probe_functions.accuracy(linear.predicted, truth)
+            metrics["online_eval/linear_balanced_accuracy"] = probe_functions.balanced_accuracy(
+                linear.predicted, truth
+            )
+        return metrics
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
