@@ -8,6 +8,8 @@ Helper commands beside LightningCLI's fit/validate/test/predict are dispatched i
 parses anything (they take no model, data or trainer configuration):
 
     jointssl export --checkpoint runs/demo/checkpoints/last.ckpt --output exported/
+    jointssl embed --pretrained runs/demo/checkpoints/last.ckpt --images /data/labelled --output embeddings/
+    jointssl evaluate --train embeddings/ --group-regex 'patient([0-9]+)' --report report.json
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -215,6 +218,107 @@ def export_command(argv: Sequence[str]) -> None:
     print(f"jointssl: exported {files.encoders}, {files.backbone} and {files.config}", flush=True)
 
 
+def _one_line(error: BaseException) -> str:
+    """An error message on one line (multi-line messages, e.g. a list of bad files, are joined with "; ")."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def embed_command(argv: Sequence[str]) -> None:
+    """`jointssl embed`: embeddings of labelled images or volumes by a checkpoint's encoders (or a random init of the
+    same architecture), saved for `jointssl evaluate` (see jointssl.evaluation.features)."""
+    from jointssl.downstream.pretrained import PretrainedLoadError
+    from jointssl.evaluation.features import EmbedError, embed
+
+    parser = argparse.ArgumentParser(
+        prog="jointssl embed",
+        description=(
+            "Embed 2D images (f_intra: features) or 3D volumes (f_inter: volume; mean of f_intra slice embeddings: "
+            "slice_mean) with frozen pretrained encoders; writes features.safetensors, items.csv (path, label: the "
+            "class sub-folder or a CSV label column) and embed.json into OUTPUT."
+        ),
+    )
+    parser.add_argument("--pretrained", required=True, help="pretraining .ckpt or `jointssl export` folder")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the same architecture with weights drawn from --seed instead (the baseline)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init's weights (default 0)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", metavar="SRC", help="2D image folders or CSV manifests")
+    inputs.add_argument("--volumes", nargs="+", metavar="SRC", help="volume folders, CSV manifests or files")
+    parser.add_argument("--output", required=True, help="folder to write the embeddings into (created if needed)")
+    parser.add_argument("--image-size", type=int, default=64, help="images resized to this square size (64)")
+    parser.add_argument("--volume-size", type=int, default=64, help="volume slices resized to this size (64)")
+    parser.add_argument("--slice-stride", type=int, default=1, help="keep every N-th slice of a volume (1)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images / slices per forward pass (64)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing embedding")
+    options = parser.parse_args(list(argv))
+    try:
+        result = embed(
+            options.pretrained, options.output, images=options.images, volumes=options.volumes,
+            random_init=options.random_init, seed=options.seed, image_size=options.image_size,
+            volume_size=options.volume_size, slice_stride=options.slice_stride, batch_size=options.batch_size,
+            device=options.device, quiet=options.quiet, overwrite=options.overwrite,
+        )
+    except (PretrainedLoadError, EmbedError, ValueError, OSError) as error:
+        parser.exit(2, f"jointssl embed: error: {_one_line(error)}\n")
+    features = ", ".join(f"{name} [{result.num_items}, {dim}]" for name, dim in result.features.items())
+    print(f"jointssl: embedded {result.num_items} {result.kind} into {result.folder} ({features}) in "
+          f"{result.seconds:.1f} s", flush=True)
+
+
+def evaluate_command(argv: Sequence[str]) -> None:
+    """`jointssl evaluate`: kNN and linear-probe accuracy of embeddings written by `jointssl embed` (see
+    jointssl.evaluation.protocol)."""
+    import json
+
+    from jointssl.downstream.export import write_atomic
+    from jointssl.evaluation import probes
+    from jointssl.evaluation.protocol import evaluate, format_report
+
+    parser = argparse.ArgumentParser(
+        prog="jointssl evaluate",
+        description=(
+            "Weighted kNN (cosine) and linear probe (standardised features, L2-regularised multinomial logistic "
+            "regression by full-batch L-BFGS) on embeddings from `jointssl embed`: trained on --train, tested on "
+            "--test, or on a split of --train that keeps each --group-regex group on one side."
+        ),
+    )
+    parser.add_argument("--train", required=True, help="embedding folder (split into train/test without --test)")
+    parser.add_argument("--test", help="embedding folder of a separate test set (same encoder)")
+    parser.add_argument("--task", help="name of the task in the report (default: the --train folder's name)")
+    parser.add_argument("--feature", default="features",
+                        help="feature to evaluate: features (images), volume or slice_mean (volumes)")
+    parser.add_argument("--label-regex", help="label = first capture group of this regex on the path (replaces the "
+                        "stored labels; items without a match are dropped and counted)")
+    parser.add_argument("--group-regex", help="group = first capture group (or whole match) on the path, e.g. a "
+                        "patient id; whole groups go to one side of the split")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="share of the items in test (0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (0)")
+    parser.add_argument("--k", type=int, default=probes.DEFAULT_K, help="kNN neighbours (20)")
+    parser.add_argument("--temperature", type=float, default=probes.DEFAULT_TEMPERATURE,
+                        help="kNN vote weight exp(cosine / T) (0.07)")
+    parser.add_argument("--probe-weight-decay", type=float, default=probes.DEFAULT_WEIGHT_DECAY,
+                        help="linear probe penalty weight_decay * sum of squared weights (1e-4)")
+    parser.add_argument("--report", help="write the JSON report to this file")
+    options = parser.parse_args(list(argv))
+    try:
+        report = evaluate(
+            options.train, options.test, task=options.task, feature=options.feature, label_regex=options.label_regex,
+            group_regex=options.group_regex, test_fraction=options.test_fraction, seed=options.seed, k=options.k,
+            temperature=options.temperature, probe_weight_decay=options.probe_weight_decay,
+        )
+        if options.report:
+            path = Path(options.report)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"jointssl evaluate: error: {_one_line(error)}\n")
+    print(format_report(report), flush=True)
+    if options.report:
+        print(f"jointssl: report written to {options.report}", flush=True)
+
+
 #: Helper commands: name -> (one-line help, handler taking the remaining arguments).
 def check_data_command(argv: Sequence[str]) -> None:
     """`jointssl check-data`: decode every training file once and report all bad ones (see jointssl.check_data)."""
@@ -226,6 +330,8 @@ def check_data_command(argv: Sequence[str]) -> None:
 HELPER_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "export": ("Export pretrained encoders (safetensors + config.json) for downstream use.", export_command),
     "check-data": ("Check every training image and volume once; report all bad files (exit 1 if any).", check_data_command),
+    "embed": ("Embed labelled images or volumes with frozen pretrained (or random-init) encoders.", embed_command),
+    "evaluate": ("kNN and linear-probe accuracy of embeddings from `jointssl embed`.", evaluate_command),
 }
 
 

@@ -95,9 +95,9 @@ def export_pretrained(checkpoint: str | Path, output: str | Path, overwrite: boo
 
     files = ExportedFiles(folder, folder / EXPORT_WEIGHTS, folder / BACKBONE_WEIGHTS, folder / EXPORT_CONFIG)
     # config.json last: a folder whose config is present has its weights complete.
-    _write_atomic(files.encoders, lambda path: _save_tensors(encoders_state, path))
-    _write_atomic(files.backbone, lambda path: _save_tensors(backbone_state, path))
-    _write_atomic(files.config, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(files.encoders, lambda path: _save_tensors(encoders_state, path))
+    write_atomic(files.backbone, lambda path: _save_tensors(backbone_state, path))
+    write_atomic(files.config, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     log.info(
         "exported %s -> %s: %d encoder, %d aggregator, %d timm backbone tensors",
         checkpoint, folder, len(weights.encoder), len(weights.aggregator), len(backbone_state),
@@ -232,7 +232,7 @@ def _save_tensors(state: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX)."""
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
