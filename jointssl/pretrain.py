@@ -19,12 +19,21 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
 
-from jointssl import distributed
+from jointssl import diagnostics, distributed
 from jointssl.callbacks.resume import ExactResume
 from jointssl.checkpointing import AtomicCheckpoints
-from jointssl.losses import DeepClusterMemory, SwAVLoss, keyed_uniform, masked_embedding_loss, random_slice_mask
+from jointssl.losses import (
+    DeepClusterMemory,
+    SwAVLoss,
+    interpolate_masked_slices,
+    keyed_uniform,
+    masked_embedding_loss,
+    random_slice_mask,
+    visible_slices,
+)
 from jointssl.losses.clustering import ClusteringTask
 from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
+from jointssl.models.aggregator import standardise_slices
 from jointssl.optim import LARS, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl")
@@ -90,12 +99,18 @@ class JointSSL(LightningModule):
         mask_weight: weight of L_mask (masked slice-embedding prediction).
         intra_slices_per_volume: slices per volume (same positions in both views) that enter L_intra.
         mask_ratio: fraction of a volume's real slices replaced by the mask token for L_mask.
+        mask_span: masked slices come in contiguous spans of this many slices (1: independent slices, which
+            interpolating the two neighbours already predicts well; see `random_slice_mask`).
         aggregator_layers: f_inter transformer layers.
         aggregator_heads: f_inter attention heads.
         aggregator_ffn_dim: f_inter feed-forward width.
         aggregator_dropout: f_inter dropout.
         deformable_downsample: one deformable reference point per this many slices.
         deformable_offset_scale: bound of the learned offsets (in reference spacings, see DeformableSliceAttention).
+        aggregator_input_norm: "volume": f_inter's tokens are per-volume standardised slice embeddings plus a
+            batch-normalised volume context, and L_mask predicts the standardised embeddings (so predicting the
+            visible slices' mean scores L_mask = 1 x their spread); "none": raw slice embeddings in and as targets
+            (the paper's aggregator). See jointssl.models.aggregator.
         freeze: parts that are not trained, from "encoder", "intra", "aggregator", "inter", "mask_decoder".
             Frozen parts run in eval mode (no BatchNorm statistics updates).
         init_from: a jointssl checkpoint whose weights initialise this model (the previous stage of a staged
@@ -120,6 +135,16 @@ class JointSSL(LightningModule):
             prototypes that won at least one assignment falls below this (``train/*_prototypes_used``).
         collapse_min_entropy: collapse alarm: a warning when the normalised entropy of the epoch's assignment
             histogram falls below this (``train/*_assignment_entropy``; 1 = uniform, 0 = one cluster).
+        collapse_min_effective_rank: collapse alarm: a warning when the effective rank of f_intra's embeddings of a
+            batch, last measured in the epoch (``train/intra_effective_rank``), falls below this.
+
+    Diagnostics, logged at the logging interval only (nothing is computed on other steps), each against what a
+    predictor that learned nothing gets (jointssl.diagnostics): ``train/{intra,inter}_loss_over_chance`` (loss /
+    ln K: 1 = chance), ``train/{intra,inter}_prediction_entropy`` and, for SwAV, ``..._code_entropy`` (over ln K),
+    ``train/mask_r2_vs_mean`` and ``train/mask_r2_vs_neighbours`` (R^2 of the masked-slice predictions against the
+    visible slices' mean and against interpolating the nearest visible neighbours, which L_mask's prediction starts
+    from: > 0 beats them), and
+    ``train/{intra,inter}_effective_rank`` and ``train/intra_embedding_norm`` (collapse and shrinkage).
     """
 
     def __init__(
@@ -143,13 +168,15 @@ class JointSSL(LightningModule):
         inter_weight: float = 1.0,
         mask_weight: float = 1.0,
         intra_slices_per_volume: int = 8,
-        mask_ratio: float = 0.15,
+        mask_ratio: float = 0.3,
+        mask_span: int = 4,
         aggregator_layers: int = 4,
         aggregator_heads: int = 8,
         aggregator_ffn_dim: int = 720,
         aggregator_dropout: float = 0.1,
         deformable_downsample: int = 4,
         deformable_offset_scale: float = 2.0,
+        aggregator_input_norm: Literal["volume", "none"] = "volume",
         freeze: list[str] = [],  # noqa: B006
         init_from: str | None = None,
         slice_chunk_size: int = 0,
@@ -164,6 +191,7 @@ class JointSSL(LightningModule):
         max_consecutive_bad_steps: int = 10,
         collapse_min_prototypes_used: float = 0.1,
         collapse_min_entropy: float = 0.3,
+        collapse_min_effective_rank: float = 1.5,
     ) -> None:
         super().__init__()
         unknown = set(freeze) - set(PARTS)
@@ -184,6 +212,7 @@ class JointSSL(LightningModule):
         self.aggregator = SliceAggregator(
             d_model=d_model, num_layers=aggregator_layers, num_heads=aggregator_heads, ffn_dim=aggregator_ffn_dim,
             dropout=aggregator_dropout, downsample=deformable_downsample, offset_scale=deformable_offset_scale,
+            input_norm=aggregator_input_norm,
         )
         self.inter = ClusteringTask(
             in_dim=d_model, num_prototypes=num_prototypes_3d, queue_length=queue_length_3d, **task
@@ -204,6 +233,7 @@ class JointSSL(LightningModule):
         # BatchNorm running statistics and their copy from before the current step (set in on_train_start).
         self._norm_statistics: list[Tensor] = []
         self._norm_snapshot: list[Tensor] = []
+        self._last_intra_effective_rank: Tensor | None = None  # for the collapse alarm (read at epoch end)
 
     # ------------------------------------------------------------------ set-up
     def _init_from_checkpoint(self, path: str) -> None:
@@ -353,8 +383,9 @@ class JointSSL(LightningModule):
     def _use_queue(self, length: int) -> bool:
         return length > 0 and self.current_epoch >= self.hparams.queue_start_epoch
 
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Every active loss of one batch (weighted sum under "loss"), and the assignment tensors for monitoring."""
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Every active loss of one batch (weighted sum under "loss"), the assignment tensors for monitoring, and
+        under "diagnostics" the detached tensors the diagnostics are computed from (on logging steps only)."""
         hp = self.hparams
         images = batch.get("images")
         volumes = batch.get("volumes")
@@ -369,7 +400,8 @@ class JointSSL(LightningModule):
             inputs.append(views[:, 0][real])
             inputs.append(views[:, 1][real])
         features = self.encode(inputs)
-        out: dict[str, Tensor] = {}
+        out: dict[str, Any] = {}
+        diagnostic_inputs: dict[str, Any] = {}
         intra_parts: list[tuple[Tensor, int]] = []
         if images is not None and hp.intra_weight > 0:
             n = len(images["crops"])
@@ -377,6 +409,7 @@ class JointSSL(LightningModule):
             result = self.intra.multicrop_loss(embeddings, images["index"], self._use_queue(hp.queue_length))
             intra_parts.append((result.loss, images["index"].shape[0]))
             out["intra_assignments"] = result.assignments
+            diagnostic_inputs.update(intra=result, intra_features=features[0].detach())
             features = features[n:]
         if volumes is not None:
             slices_s, slices_t = features
@@ -390,6 +423,8 @@ class JointSSL(LightningModule):
                     self.intra.project(z_s[pick]), self.intra.project(z_t[pick]), self._use_queue(hp.queue_length)
                 )
                 intra_parts.append((pair.loss, int(pick.sum())))
+                diagnostic_inputs.setdefault("intra", pair)
+                diagnostic_inputs.setdefault("intra_features", slices_s.detach())
             if hp.inter_weight > 0:
                 volume_s = self.aggregator.pool(self.aggregator(z_s, padding), padding)
                 volume_t = self.aggregator.pool(self.aggregator(z_t, padding), padding)
@@ -397,16 +432,26 @@ class JointSSL(LightningModule):
                 result = self.inter.multicrop_loss(embeddings, volumes["index"], self._use_queue(hp.queue_length_3d))
                 out["inter"] = result.loss
                 out["inter_assignments"] = result.assignments
+                diagnostic_inputs.update(inter=result, inter_features=torch.cat([volume_s, volume_t]).detach())
             if hp.mask_weight > 0:
                 draws = keyed_uniform(volumes["index"], num_slices, salt=self._sample_salt(_MASK_SLICES))
-                mask = random_slice_mask(padding, num_slices, batch_size, ratio=hp.mask_ratio, uniform=draws)
-                tokens = self.aggregator(self.aggregator.apply_mask(z_s, mask), padding)
-                out["mask"] = masked_embedding_loss(self.mask_decoder(tokens), z_s, mask)
+                mask = random_slice_mask(
+                    padding, num_slices, batch_size, ratio=hp.mask_ratio, uniform=draws, span=hp.mask_span
+                )
+                tokens = self.aggregator(z_s, padding, mask)
+                target = z_s
+                if hp.aggregator_input_norm == "volume":
+                    target = standardise_slices(z_s, visible_slices(mask, padding))
+                # f_inter + decoder predict what interpolating the visible neighbours misses (losses/masked.py).
+                predicted = interpolate_masked_slices(target, mask, padding) + self.mask_decoder(tokens)
+                out["mask"] = masked_embedding_loss(predicted, target, mask)
+                diagnostic_inputs["mask"] = (predicted.detach(), target.detach(), mask, padding)
         if intra_parts:
             # Images and slice pairs weighted by their number of samples.
             total = sum(count for _, count in intra_parts)
             out["intra"] = sum(loss * (count / total) for loss, count in intra_parts)
         out["loss"] = sum(hp[f"{name}_weight"] * out[name] for name in ("intra", "inter", "mask") if name in out)
+        out["diagnostics"] = diagnostic_inputs
         return out
 
     def _sample_salt(self, purpose: int) -> tuple[int, int, int]:
@@ -498,7 +543,37 @@ class JointSSL(LightningModule):
         self.log("train/loss", out["loss"], batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch_size)
+        if self.trainer._logger_connector.should_update_logs:
+            for name, value in self.compute_diagnostics(out).items():
+                self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
         return out["loss"]
+
+    @torch.no_grad()
+    def compute_diagnostics(self, out: dict[str, Any]) -> dict[str, Tensor]:
+        """The diagnostics (class docstring) of one `compute_losses` result, as device tensors (no host sync)."""
+        inputs, values = out["diagnostics"], {}
+        for name, prototypes in (("intra", self.hparams.num_prototypes), ("inter", self.hparams.num_prototypes_3d)):
+            task = inputs.get(name)
+            if task is None:
+                continue
+            values[f"{name}_loss_over_chance"] = diagnostics.loss_over_chance(out[name], prototypes[0])
+            predictions = torch.softmax(task.scores.float() / self.hparams.temperature, dim=1)
+            values[f"{name}_prediction_entropy"] = diagnostics.normalised_entropy(predictions)
+            if task.codes is not None:
+                values[f"{name}_code_entropy"] = diagnostics.normalised_entropy(task.codes)
+            values[f"{name}_effective_rank"] = diagnostics.effective_rank(inputs[f"{name}_features"])
+        if "intra_features" in inputs:
+            values["intra_embedding_norm"] = diagnostics.mean_norm(inputs["intra_features"])
+            self._last_intra_effective_rank = values.get("intra_effective_rank")
+        if "mask" in inputs:
+            predicted, target, mask, padding = inputs["mask"]
+            for baseline_name, baseline in (
+                ("mean", diagnostics.visible_mean_baseline), ("neighbours", interpolate_masked_slices)
+            ):
+                values[f"mask_r2_vs_{baseline_name}"] = diagnostics.r2_against(
+                    predicted, target, baseline(target, mask, padding), mask
+                )
+        return values
 
     # ------------------------------------------------------------------ numerics guard
     def _non_finite_terms(self, out: dict[str, Tensor]) -> list[str]:
@@ -569,6 +644,13 @@ class JointSSL(LightningModule):
             self.inter.drop_prototype_grads()
 
     def on_train_epoch_end(self) -> None:
+        rank = self._last_intra_effective_rank
+        if rank is not None and float(rank) < self.hparams.collapse_min_effective_rank:
+            log.warning(
+                "collapse alarm (f_intra, epoch %d): effective rank of a batch of embeddings %.2f (alarm below %.2f): "
+                "the embeddings lie close to one line", self.current_epoch, float(rank),
+                self.hparams.collapse_min_effective_rank,
+            )
         for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
             counts = distributed.all_reduce_sum(counts.clone()).float()
             if counts.sum() == 0:

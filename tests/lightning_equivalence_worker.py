@@ -114,13 +114,19 @@ def main() -> None:
     pl.seed_everything(0)
     swav = args.method == "swav"
     model = JointSSL(
+        # No BatchNorm anywhere (none in the projection heads or f_inter's input): without CUDA there is no
+        # SyncBatchNorm, and per-device batch statistics differ between 2 x B and 1 x 2B by design.
         backbone="test_convnext", d_model=32, method=args.method, projection_hidden_dim=0, projection_dim=16,
+        aggregator_input_norm="none",
         num_prototypes=[6] if swav else [5, 4], num_prototypes_3d=[3] if swav else [3, 2],
         # Queues of 2 global batches, used from the first step (SwAV); ignored by DeepCluster-v2.
         queue_length=2 * 2 * args.batch * args.devices if swav else 0, queue_length_3d=0, queue_start_epoch=0,
         freeze_prototypes_steps=2, kmeans_iterations=3, intra_slices_per_volume=2, mask_ratio=0.34,
         aggregator_layers=1, aggregator_heads=4, aggregator_ffn_dim=48, aggregator_dropout=0.0,
         deformable_downsample=2, max_consecutive_bad_steps=args.max_bad_steps, base_lr=0.05, lr_reference_batch_size=16, warmup_epochs=0.0, momentum=0.9,
+        # Plain SGD: LARS moves a weight by ~lr x 1e-3 of its norm per step, too little in 6 steps for the losses
+        # to move measurably, and the comparison must not be between two untrained models.
+        lars_trust_coefficient=0.0,
     )
     # Volumes per device: 2 in the 2-process run, 4 in the 1-process run (the same global batch).
     data = FixedJointData(batch_size=args.batch, volume_batch_size=2 * args.batch // 4)

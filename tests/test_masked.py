@@ -99,3 +99,29 @@ def test_keyed_uniform_rows_depend_only_on_their_key_and_salt() -> None:
     assert torch.equal(mask, random_slice_mask(None, 7, 4, ratio=0.3, uniform=halves))
     with pytest.raises(ValueError, match="uniform must be"):
         random_slice_mask(None, 8, 4, uniform=whole)
+
+
+def test_span_mask_masks_contiguous_blocks_with_an_exact_count() -> None:
+    padding = torch.zeros(64, 16, dtype=torch.bool)
+    padding[::3, 11:] = True  # every third volume has 11 real slices
+    generator = torch.Generator().manual_seed(0)
+    mask = random_slice_mask(padding, 16, 64, ratio=0.3, span=4, generator=generator)
+    lengths = (~padding).sum(1)
+    assert torch.equal(mask.sum(1), torch.round(lengths.double() * 0.3).long())
+    assert not (mask & padding).any()
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
+    # 5 (or 3) masked slices in blocks of at most 4 (the grid's edge blocks can be shorter): at most 3 runs, and on
+    # average long ones (independent slices would give runs of about 1.4).
+    assert int(runs.max()) <= 3
+    assert mask.sum() / runs.sum() > 2.5
+    # Spans are not all at one place: every slice is masked in some volume.
+    assert mask[1::3].any(0).all()
+
+
+def test_span_mask_is_a_function_of_the_draws() -> None:
+    uniform = torch.rand(4, 12, generator=torch.Generator().manual_seed(3))
+    a = random_slice_mask(None, 12, 4, ratio=0.25, span=3, uniform=uniform)
+    b = random_slice_mask(None, 12, 4, ratio=0.25, span=3, uniform=uniform.clone())
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="span"):
+        random_slice_mask(None, 12, 4, span=0)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from jointssl.losses import SwAVLoss, SwAVOutput
 from tests.test_sinkhorn import reference_sinkhorn
@@ -160,3 +161,23 @@ def test_rejects_inconsistent_inputs():
         SwAVLoss(embedding_dim=8)(embeddings, weight[:, :4])
     with pytest.raises(ValueError):
         SwAVLoss(embedding_dim=8)([embeddings[0], embeddings[1][:3]], weight)
+
+
+def test_queue_rows_of_the_current_samples_count_as_uniform_rows() -> None:
+    """A queued copy of a sample being assigned must not take that sample's prototype: its row counts as uniform
+    (the same codes as a zero row), while the rows of other samples shape the codes as before."""
+    torch.manual_seed(0)
+    prototypes = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    batch = [torch.nn.functional.normalize(torch.randn(2, 8), dim=1) for _ in range(2)]
+    stale = [torch.nn.functional.normalize(torch.randn(2, 8), dim=1) for _ in range(2)]
+
+    def codes_after_queueing(queued_index: list[int], queued: list[Tensor]) -> Tensor:
+        loss = SwAVLoss(queue_length=2, embedding_dim=8)
+        loss(queued, prototypes, index=torch.tensor(queued_index))  # fills the queue
+        return loss(batch, prototypes, use_queue=True, index=torch.tensor([5, 6])).codes
+
+    own = codes_after_queueing([5, 6], stale)  # stale copies of the very samples being assigned
+    zeros = codes_after_queueing([-1, -1], [torch.zeros(2, 8), torch.zeros(2, 8)])
+    others = codes_after_queueing([7, 8], stale)  # the same rows, belonging to other samples
+    torch.testing.assert_close(own, zeros)
+    assert not torch.allclose(own, others)

@@ -34,7 +34,10 @@ AGGREGATOR_KEYS = {
     "aggregator_dropout": "dropout",
     "deformable_downsample": "downsample",
     "deformable_offset_scale": "offset_scale",
+    "aggregator_input_norm": "input_norm",
 }
+#: Aggregator keys that came later, with the value that checkpoints and exports written before them imply.
+AGGREGATOR_KEYS_ADDED = {"input_norm": "none"}
 
 
 class PretrainedLoadError(ValueError):
@@ -98,14 +101,17 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "jointssl_format_version" not in checkpoint:
         raise PretrainedLoadError(f"{path}: not a jointssl pretraining checkpoint (no state_dict / format version)")
     hparams = checkpoint.get("hyper_parameters", {})
-    missing = [k for k in (*ENCODER_KEYS, *AGGREGATOR_KEYS) if k not in hparams]
+    added = {old for old, new in AGGREGATOR_KEYS.items() if new in AGGREGATOR_KEYS_ADDED}
+    missing = [k for k in (*ENCODER_KEYS, *AGGREGATOR_KEYS) if k not in hparams and k not in added]
     if missing:
         raise PretrainedLoadError(f"{path}: checkpoint hyper-parameters lack {missing}: not a JointSSL checkpoint")
     encoder, aggregator = _split(checkpoint["state_dict"])
     if not encoder:
         raise PretrainedLoadError(f"{path}: checkpoint holds no encoder.* tensors")
     architecture = {k: hparams[k] for k in ENCODER_KEYS}
-    architecture["aggregator"] = {new: hparams[old] for old, new in AGGREGATOR_KEYS.items()}
+    architecture["aggregator"] = {
+        new: hparams.get(old, AGGREGATOR_KEYS_ADDED.get(new)) for old, new in AGGREGATOR_KEYS.items()
+    }
     return PretrainedWeights(architecture, encoder, aggregator, source=str(path))
 
 
@@ -120,4 +126,7 @@ def _load_export(folder: Path) -> PretrainedWeights:
             f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}"
         )
     encoder, aggregator = _split(load_file(str(weights_path)))
-    return PretrainedWeights(config["architecture"], encoder, aggregator, source=str(folder))
+    architecture = dict(config["architecture"])
+    # An export written before a setting existed was made with the value that setting's absence implies.
+    architecture["aggregator"] = {**AGGREGATOR_KEYS_ADDED, **architecture.get("aggregator", {})}
+    return PretrainedWeights(architecture, encoder, aggregator, source=str(folder))

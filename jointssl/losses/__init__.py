@@ -3,7 +3,13 @@ prediction, and ClusteringTask (one clustering objective with its heads and stat
 
 from jointssl.losses.deepcluster import DeepClusterMemory, DeepClusterV2Loss
 from jointssl.losses.kmeans import KMeansResult, spherical_kmeans
-from jointssl.losses.masked import keyed_uniform, masked_embedding_loss, random_slice_mask
+from jointssl.losses.masked import (
+    interpolate_masked_slices,
+    keyed_uniform,
+    masked_embedding_loss,
+    random_slice_mask,
+    visible_slices,
+)
 from jointssl.losses.sinkhorn import sinkhorn_knopp
 from jointssl.losses.swav import SwAVLoss, SwAVOutput
 
@@ -13,9 +19,11 @@ __all__ = [
     "KMeansResult",
     "SwAVLoss",
     "SwAVOutput",
+    "interpolate_masked_slices",
     "keyed_uniform",
     "masked_embedding_loss",
     "random_slice_mask",
     "sinkhorn_knopp",
     "spherical_kmeans",
+    "visible_slices",
 ]

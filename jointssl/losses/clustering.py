@@ -18,6 +18,10 @@ class TaskOutput(NamedTuple):
     loss: Tensor
     #: head-0 prototype (SwAV code argmax or DeepCluster label) of each sample, for usage monitoring; -1 unknown
     assignments: Tensor
+    #: head-0 prototype scores of the first view [B, K], detached (for the diagnostics: prediction entropy)
+    scores: Tensor
+    #: SwAV's Sinkhorn codes of the first view [B, K] (the soft targets); None for DeepCluster-v2 (hard labels)
+    codes: Tensor | None = None
 
 
 class ClusteringTask(nn.Module):
@@ -104,19 +108,19 @@ class ClusteringTask(nn.Module):
     def multicrop_loss(self, embeddings: list[Tensor], index: Tensor, use_queue: bool) -> TaskOutput:
         """`embeddings`: projected, L2-normalised [B, out_dim] per view (views 0 and 1 are the global ones)."""
         if self.method == "swav":
-            out = self.swav(embeddings, self.prototypes.heads[0].weight, use_queue=use_queue)
-            return TaskOutput(out.loss, out.assignments)
+            out = self.swav(embeddings, self.prototypes.heads[0].weight, use_queue=use_queue, index=index)
+            return TaskOutput(out.loss, out.assignments, out.scores, out.codes)
         assert self.memory is not None, "attach_memory() first"
         scores = [[head(e) for e in embeddings] for head in self.prototypes.heads]
         targets = self.memory.targets(index)
         loss = self.deepcluster(scores, targets)
         self.memory.update(index, [e.detach() for e in embeddings[:2]])
-        return TaskOutput(loss, targets[0])
+        return TaskOutput(loss, targets[0], scores[0][0].detach())
 
     def pair_loss(self, view_s: Tensor, view_t: Tensor, use_queue: bool) -> TaskOutput:
         if self.method == "swav":
             out = self.pair_swav([view_s, view_t], self.prototypes.heads[0].weight, use_queue=use_queue)
-            return TaskOutput(out.loss, out.assignments)
+            return TaskOutput(out.loss, out.assignments, out.scores, out.codes)
         scores = [[head(view_s), head(view_t)] for head in self.prototypes.heads]
         with torch.no_grad():
             # Swapped: view s is labelled by the centroid nearest to view t and vice versa; scores are cosine
@@ -125,7 +129,7 @@ class ClusteringTask(nn.Module):
             labels_t = torch.stack([h[0].argmax(dim=1) for h in scores])
         loss_s = self.deepcluster([[h[0]] for h in scores], labels_s)
         loss_t = self.deepcluster([[h[1]] for h in scores], labels_t)
-        return TaskOutput((loss_s + loss_t) / 2, labels_t[0])
+        return TaskOutput((loss_s + loss_t) / 2, labels_t[0], scores[0][0].detach())
 
     @torch.no_grad()
     def fill_memory(self, index: Tensor, embeddings: list[Tensor]) -> None:

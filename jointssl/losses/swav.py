@@ -19,21 +19,32 @@ from jointssl.losses.sinkhorn import sinkhorn_knopp
 
 
 class SwAVOutput(NamedTuple):
-    """loss: scalar; assignments: [B] argmax of the codes of the first assigned crop (prototype usage)."""
+    """loss: scalar; assignments: [B] argmax of the codes of the first assigned crop (prototype usage); codes:
+    those codes [B, K]; scores: that crop's prototype scores [B, K], detached (both for the diagnostics)."""
 
     loss: Tensor
     assignments: Tensor
+    codes: Tensor
+    scores: Tensor
 
 
 class SwAVLoss(nn.Module):
     """Swapped prediction between crops, as in the SwAV reference (facebookresearch/swav main_swav.py).
 
     Buffers (saved in checkpoints): `queue` [len(crops_for_assign), queue_length, embedding_dim], newest rows
-    first, and `queue_filled`, the number of valid rows. Each rank keeps its own queue (codes are computed over
-    the queues and batches of all ranks together).
+    first, `queue_index` [queue_length], the sample index of each row (-1: unknown), and `queue_filled`, the number
+    of valid rows. Each rank keeps its own queue (codes are computed over the queues and batches of all ranks
+    together).
+
+    Rows of the current batch's own samples (same index) count as uniform rows in Sinkhorn. Where the data set is
+    not much larger than the queue (a few hundred volumes, a queue of several batches), the queue holds stale copies
+    of the very samples being assigned; under the equipartition constraint they take their sample's prototype
+    first and push the current codes elsewhere, away from the predictions. On the demo this drove L_inter above
+    ln K once the queue was switched on (docs/results.md). On large data sets no row matches and nothing changes.
     """
 
     queue: Tensor
+    queue_index: Tensor
     queue_filled: Tensor
 
     def __init__(
@@ -57,6 +68,7 @@ class SwAVLoss(nn.Module):
         self.queue_length = queue_length
         self.embedding_dim = embedding_dim
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, embedding_dim))
+        self.register_buffer("queue_index", torch.full((queue_length,), -1, dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
     def resize_queue(self, queue_length: int) -> None:
@@ -65,13 +77,16 @@ class SwAVLoss(nn.Module):
             raise ValueError(f"queue_length must be >= 0, got {queue_length}")
         self.queue_length = queue_length
         self.queue = self.queue.new_zeros(len(self.crops_for_assign), queue_length, self.embedding_dim)
+        self.queue_index = self.queue_index.new_full((queue_length,), -1)
         self.queue_filled.zero_()
 
     def queue_is_full(self) -> bool:
         """True once every queue row holds an embedding (reads a device scalar: one sync on GPU)."""
         return self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
 
-    def forward(self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False) -> SwAVOutput:
+    def forward(
+        self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False, index: Tensor | None = None
+    ) -> SwAVOutput:
         """Swapped-prediction loss.
 
         Args:
@@ -79,10 +94,15 @@ class SwAVLoss(nn.Module):
             prototypes: [K, D] prototype weight; gradients flow into it and into the embeddings.
             use_queue: prepend the queue's scores before Sinkhorn (only once the queue is full). The queue is
                 updated with this batch either way.
+            index: the samples' global indices [B] (None: samples without a stable identity, e.g. slice pairs).
+                Queue rows of these samples count as uniform rows (class docstring).
         """
         self._check_inputs(embeddings, prototypes)
         batch_size = embeddings[0].shape[0]
         prepend_queue = use_queue and self.queue_is_full()
+        own_rows = None
+        if prepend_queue and index is not None:
+            own_rows = torch.isin(self.queue_index, index.to(self.queue_index.device)).unsqueeze(1)
         # Scores, softmax and log in float32 whatever the autocast: scores / 0.1 and / 0.05 amplify bf16 errors.
         with torch.autocast(device_type=prototypes.device.type, enabled=False):
             prototypes32 = prototypes.float()
@@ -91,16 +111,20 @@ class SwAVLoss(nn.Module):
 
             crop_losses = []
             assignments: Tensor | None = None
+            first_codes: Tensor | None = None
             for slot, crop in enumerate(self.crops_for_assign):
                 with torch.no_grad():
                     assign_scores = scores[crop].detach()
                     if prepend_queue:
                         queue_scores = self.queue[slot].float() @ prototypes32.detach().t()
+                        if own_rows is not None:
+                            queue_scores = queue_scores.masked_fill(own_rows, 0.0)
                         assign_scores = torch.cat([queue_scores, assign_scores])
                     codes = sinkhorn_knopp(assign_scores, self.epsilon, self.sinkhorn_iterations)
                     codes = codes[-batch_size:]  # the queue rows only shape the equipartition
                     if assignments is None:
                         assignments = codes.argmax(dim=1)
+                        first_codes = codes
                     self._push_to_queue(slot, embeddings[crop])
                 predictions = [
                     -(codes * log_probs[view]).sum(dim=1).mean() for view in range(len(embeddings)) if view != crop
@@ -110,8 +134,14 @@ class SwAVLoss(nn.Module):
 
         if self.queue_length > 0:
             self.queue_filled.add_(batch_size).clamp_(max=self.queue_length)
-        assert assignments is not None  # crops_for_assign is non-empty (checked in __init__)
-        return SwAVOutput(loss=loss, assignments=assignments)
+            with torch.no_grad():
+                rows = torch.full((batch_size,), -1, dtype=torch.long, device=self.queue_index.device)
+                if index is not None:
+                    rows = index.to(self.queue_index.device, torch.long)
+                self.queue_index.copy_(torch.cat([rows, self.queue_index])[: self.queue_length])
+        assert assignments is not None and first_codes is not None  # crops_for_assign is non-empty (__init__)
+        first = self.crops_for_assign[0]
+        return SwAVOutput(loss=loss, assignments=assignments, codes=first_codes, scores=scores[first].detach())
 
     @torch.no_grad()
     def _push_to_queue(self, slot: int, crop_embeddings: Tensor) -> None:

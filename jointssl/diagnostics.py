@@ -1,0 +1,80 @@
+"""Training diagnostics that read against a trivial baseline, so that a curve says by itself whether a loss learns.
+
+A loss value alone means little: a clustering loss near ln K is chance, and a small masked-prediction error can
+just mean that the slices of a volume barely differ. Each function here compares with what a predictor that
+learned nothing would get:
+
+* clustering (L_intra, L_inter): the loss over ln K (1 = chance) and the mean entropy of the targets and of the
+  predictions over ln K (1 = uniform, 0 = one-hot);
+* masked slice prediction (L_mask): R^2 of the predictions against two baselines computed from the visible slices
+  only, the mean of the volume's visible slices and linear interpolation between the nearest visible neighbours
+  (R^2 > 0: better than the baseline; 1: perfect);
+* embeddings (f_intra, f_inter): the mean L2 norm (shrinkage) and the effective rank (collapse).
+
+All functions are pure, take detached tensors (they never build a graph) and compute in float32. The neighbour
+baseline is `jointssl.losses.masked.interpolate_masked_slices`, which L_mask also builds its prediction on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from jointssl.losses.masked import visible_slices
+
+
+@torch.no_grad()
+def loss_over_chance(loss: Tensor, num_prototypes: int) -> Tensor:
+    """A clustering loss over ln K, the loss of a uniform prediction: 1 = chance, 0 = perfect."""
+    return loss.detach().float() / math.log(num_prototypes)
+
+
+@torch.no_grad()
+def normalised_entropy(probabilities: Tensor) -> Tensor:
+    """Mean entropy of the rows of ``probabilities`` [B, K] over ln K (1 = uniform rows, 0 = one-hot rows)."""
+    p = probabilities.detach().float()
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(dim=1)
+    return entropy.mean() / math.log(p.shape[1])
+
+
+@torch.no_grad()
+def effective_rank(embeddings: Tensor) -> Tensor:
+    """RankMe (Garrido et al., ICML 2023): exp of the entropy of the normalised singular values of [B, D].
+
+    Between 1 (every embedding on one line: collapse) and min(B, D). Computed on the embeddings as they are
+    (not centred), as RankMe does.
+    """
+    x = embeddings.detach().float()
+    singular = torch.linalg.svdvals(x)
+    p = singular / singular.sum().clamp(min=1e-12)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum()
+    return entropy.exp()
+
+
+@torch.no_grad()
+def mean_norm(embeddings: Tensor) -> Tensor:
+    """Mean L2 norm of the rows of [B, D]."""
+    return embeddings.detach().float().norm(dim=1).mean()
+
+
+@torch.no_grad()
+def visible_mean_baseline(target: Tensor, mask: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Every slice predicted as the mean of its volume's visible (real, unmasked) slices: [B, N, D]."""
+    visible = visible_slices(mask, padding_mask).unsqueeze(-1)
+    t = target.detach().float()
+    summed = torch.where(visible, t, torch.zeros_like(t)).sum(dim=1, keepdim=True)
+    mean = summed / visible.sum(dim=1, keepdim=True).clamp(min=1)
+    return mean.expand_as(t)
+
+
+@torch.no_grad()
+def r2_against(predicted: Tensor, target: Tensor, baseline: Tensor, mask: Tensor) -> Tensor:
+    """1 - SSE(predicted) / SSE(baseline) over the masked positions: > 0 beats the baseline, 1 is perfect.
+    NaN when nothing is masked or the baseline is exact."""
+    selected = mask.unsqueeze(-1)
+    t = target.detach().float()
+    error = torch.where(selected, predicted.detach().float() - t, torch.zeros_like(t)).pow(2).sum()
+    reference = torch.where(selected, baseline.float() - t, torch.zeros_like(t)).pow(2).sum()
+    return 1.0 - error / reference
