@@ -8,9 +8,9 @@ L_mask, ``forward(z, padding_mask, mask)`` swaps chosen slice embeddings for a l
 Input tokens (``input_norm="volume"``, the default). The slice embeddings of one volume share a large common part:
 on the demo data (random init or trained) different volumes' mean embeddings have cosine similarity 0.994-0.998 and
 a slice differs from its volume's mean by 4-8% of the embedding's size. Fed raw, attention sees almost identical
-tokens: the 3D clustering collapsed to one cluster from random init and masked slices were predicted 2.6x worse
-than by the visible slices' mean (see docs/results.md). Each token is therefore split into what a slice adds and
-what the volume shares:
+tokens, and the 3D clustering collapsed to one cluster from random init (see docs/results.md; these tokens alone
+did not make L_mask beat its baselines, which is what its interpolation-based prediction in losses/masked.py is
+for). Each token is therefore split into what a slice adds and what the volume shares:
 
     token_i = (z_i - mean) / scale  +  Linear(BatchNorm(mean))
 
