@@ -4,6 +4,8 @@ wrong-kind files, atomic writes."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +253,14 @@ def test_jointssl_help_lists_export(capsys) -> None:
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     assert "--checkpoint" in usage and "--output" in usage
+
+
+def test_export_files_get_the_umask_mode_not_mkstemps_private_one(pretrained_checkpoint: Path, tmp_path: Path) -> None:
+    # A shared cluster: colleagues in the group must be able to read an export (mkstemp alone gives 0600).
+    previous = os.umask(0o027)
+    try:
+        export_pretrained(pretrained_checkpoint, tmp_path / "export")
+    finally:
+        os.umask(previous)
+    for name in (EXPORT_WEIGHTS, BACKBONE_WEIGHTS, EXPORT_CONFIG):
+        assert stat.S_IMODE((tmp_path / "export" / name).stat().st_mode) == 0o640, name

@@ -232,12 +232,23 @@ def _save_tensors(state: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX)."""
+    """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX).
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask): mkstemp's private
+    0600 would otherwise hide exports and reports from colleagues on a shared cluster."""
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
