@@ -360,6 +360,10 @@ def main(args: ArgsType = None) -> None:
         save_config_kwargs={"overwrite": True},
         # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
         save_config_callback=ExperimentConfigCallback,
+        # Every module builds its own optimizer from its constructor arguments (pretraining: LARS with the
+        # batch-size learning-rate scaling and the per-part groups). LightningCLI's `--optimizer`/`--lr_scheduler`
+        # would silently replace that, so they do not exist: a user who passes them gets an error, not a new run.
+        auto_configure_optimizers=False,
         # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
         parser_kwargs={"epilog": _helper_epilog()},
         args=args,

@@ -8,6 +8,7 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from jointssl.cli import JointSSLCLI
+from jointssl.cli import main as cli_main
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts and "logger" not in p.parts)
@@ -79,3 +80,13 @@ def test_gpu_fragment_asks_for_what_the_issue_promises() -> None:
     gpu = yaml.safe_load((REPO_ROOT / "configs" / "trainer" / "gpu.yaml").read_text())
     assert gpu == {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "sync_batchnorm": True,
                    "precision": "bf16-mixed"}
+
+
+@pytest.mark.parametrize("option", ["--optimizer=torch.optim.SGD", "--lr_scheduler=torch.optim.lr_scheduler.StepLR"])
+def test_lightningclis_automatic_optimizers_are_refused(option: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    # They would silently replace LARS and the learning-rate scaling of the module's own configure_optimizers.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), option])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
