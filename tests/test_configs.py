@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,43 @@ def test_lightningclis_automatic_optimizers_are_refused(option: str, tmp_path: P
         cli_main(["fit", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), option])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """configs/demo.yaml for 2 steps on a small generated set, with the experiment directory moved elsewhere:
+    (working directory, experiment directory)."""
+    root = tmp_path_factory.mktemp("demo_run")
+    workdir, experiment = root / "cwd", root / "elsewhere" / "exp"
+    workdir.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        cli_main([
+            "fit", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), f"--trainer.default_root_dir={experiment}",
+            "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--data.init_args.synthetic.num_images=32", "--data.init_args.synthetic.num_volumes=8",
+            "--data.init_args.num_workers=0", "--model.init_args.queue_length_3d=0",
+        ])
+    return workdir, experiment
+
+
+def test_demo_writes_every_file_under_default_root_dir(demo_run: tuple[Path, Path]) -> None:
+    # One experiment = one directory: --trainer.default_root_dir moves config, logs and checkpoints together.
+    workdir, experiment = demo_run
+    assert sorted(p.name for p in workdir.iterdir()) == ["demo_data"]  # the generated data only, no runs/
+    written = {str(p.relative_to(experiment)) for p in experiment.rglob("*") if p.is_file()}
+    assert {"config.yaml", "checkpoints/last.ckpt", "logs/version_0/metrics.csv"} <= written, written
+
+
+def test_readmes_timm_snippet_loads_a_fresh_demo_export(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
+    # The README's code, verbatim, against `jointssl export` of the demo (resnet10t, not the recipes' resnet50).
+    _, experiment = demo_run
+    cli_main(["export", "--checkpoint", str(experiment / "checkpoints" / "last.ckpt"),
+              "--output", str(tmp_path / "exported")])
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippets = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "timm.create_model" in block]
+    assert len(snippets) == 1, "the README should hold one timm snippet"
+    result = subprocess.run([sys.executable, "-c", snippets[0] + "\nprint(type(backbone).__name__)"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ResNet"
