@@ -242,8 +242,9 @@ def _current_umask() -> int:
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX).
 
-    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask): mkstemp's private
-    0600 would otherwise hide exports and reports from colleagues on a shared cluster."""
+    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask), set explicitly:
+    mkstemp creates it 0600, and so does safetensors' ``save_file`` (whatever the umask), which would hide exports
+    and reports from colleagues on a shared cluster."""
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     try:
