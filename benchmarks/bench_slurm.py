@@ -1,7 +1,7 @@
 """Slurm and DDP timings: local cluster start, a 2-node job, a requeue round trip, and the DDP step overhead.
 
-1. Cluster start: `slurm_local.sh start 2` (../shared/tools), wall time until every node is idle, with the
-   scheduler settings of .ci/run. Only with `--restart-cluster` when a cluster already runs (it is stopped and
+1. Cluster start: `scripts/slurm/local_cluster.sh start 2`, wall time until every node is idle, with the
+   settings of .ci/run. Only with `--restart-cluster` when a cluster already runs (it is stopped and
    started again), or when none runs.
 2. 2-node job: scripts/slurm/pretrain_cpu.sbatch (2 nodes x 1 task, the tiny joint pretraining of the Slurm
    tests), sbatch -> RUNNING -> COMPLETED.
@@ -40,9 +40,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from lightning.pytorch import Callback  # noqa: E402
 
-SLURM_LOCAL = REPO_ROOT.parent / "shared" / "tools" / "slurm_local.sh"
-# The scheduler settings .ci/run starts the local cluster with: pending jobs looked at every second.
-CI_SCHED_PARAMS = "batch_sched_delay=0,sched_interval=1,bf_interval=1"
+LOCAL_CLUSTER = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
+# The settings .ci/run starts the local cluster with: requeued jobs eligible after 11 s, pending jobs looked at
+# every second.
+CI_CLUSTER_ENV = {"JOINTSSL_SLURM_CRED_EXPIRE": "10",
+                  "JOINTSSL_SLURM_SCHED_PARAMS": "batch_sched_delay=0,sched_interval=1,bf_interval=1"}
 
 
 class StepTimer(Callback):
@@ -77,20 +79,20 @@ def start_cluster(restart: bool) -> tuple[float | None, bool]:
     if running and not restart:
         print("cluster start: not measured (a cluster is running; --restart-cluster restarts it)")
         return None, False
-    if not SLURM_LOCAL.exists() or os.geteuid() != 0:
-        print(f"cluster start: not measured ({SLURM_LOCAL} missing or not root)")
+    if os.geteuid() != 0 or shutil.which("slurmctld") is None:
+        print(f"cluster start: not measured (needs root and Slurm: `{LOCAL_CLUSTER.relative_to(REPO_ROOT)} install`)")
         return None, False
     # As .ci/run starts it (override through the environment).
-    env = {"SLURM_LOCAL_SCHED_PARAMS": CI_SCHED_PARAMS, **os.environ, "SLURM_LOCAL_HOSTS": "1"}
+    env = {**CI_CLUSTER_ENV, **os.environ, "JOINTSSL_SLURM_HOSTS": "1"}
     if running:
-        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], env=env, check=True, capture_output=True)
+        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], env=env, check=True, capture_output=True)
     started = time.perf_counter()
-    result = subprocess.run(["bash", str(SLURM_LOCAL), "start", "2"], env=env, capture_output=True, text=True)
+    result = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", "2"], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"slurm_local.sh start failed:\n{result.stderr}")
+        raise RuntimeError(f"local_cluster.sh start failed:\n{result.stderr}")
     own = re.search(r"cluster up in ([\d.]+) s", result.stderr)
-    print(f"cluster start (slurm_local.sh start 2, until both nodes idle): {seconds:.2f} s"
+    print(f"cluster start (local_cluster.sh start 2, until both nodes idle): {seconds:.2f} s"
           + (f" (the script's own count, from after argument parsing: {own.group(1)} s)" if own else ""))
     return seconds, not running
 
@@ -227,7 +229,7 @@ def main() -> None:
                 ddp_step_times(workdir, options.steps, options.warmup_steps)
         finally:
             if started_here:
-                subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True)
+                subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], capture_output=True)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
