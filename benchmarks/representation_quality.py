@@ -16,7 +16,7 @@ runs/representation_quality/, git-ignored):
                                      <workdir>/results/<row>_seed<N>.json
     table                            every results JSON as one markdown table: <workdir>/results/table.md
 
-Rows: swav_2d, deepcluster_2d, joint_swav, joint_deepcluster, staged_swav (stage1_2d_swav -> stage2_mask ->
+Rows: swav_2d, deepcluster_2d, joint_swav, joint_deepcluster, staged_swav (stage1_2d_swav -> stage2_mask_swav ->
 stage3_inter_swav, 50% / 20% / 30% of the same total steps), and random (no pretraining: a finished row's
 checkpoint with `--random-init`, i.e. the same architecture with random weights).
 
@@ -94,7 +94,7 @@ GROUP_REGEX = {
 PRETRAIN_ROWS = ("swav_2d", "deepcluster_2d", "joint_swav", "joint_deepcluster", "staged_swav")
 ROWS = (*PRETRAIN_ROWS, "random")
 # The staged recipe: configs and their share of the row's optimizer steps (together = one other row's steps).
-STAGES = {"staged_swav": (("stage1_2d_swav", 0.5), ("stage2_mask", 0.2), ("stage3_inter_swav", 0.3))}
+STAGES = {"staged_swav": (("stage1_2d_swav", 0.5), ("stage2_mask_swav", 0.2), ("stage3_inter_swav", 0.3))}
 # ~ one pass over the 2D pretraining stream (about 290-320 steps of 32 samples per epoch); see benchmarks/README.md
 # for the hours this takes per row on 2 CPU cores.
 DEFAULT_STEPS = 300

@@ -2,7 +2,7 @@
 (f_inter), the heads and the three losses; each part lives in `jointssl.models` / `jointssl.losses` and is tested
 on its own.
 
-One step (DESIGN.md section 2): every 2D crop and every real slice of both volume views goes through f_intra in one
+One step (docs/method.md): every 2D crop and every real slice of both volume views goes through f_intra in one
 batched pass per resolution; L_intra on the 2D crops and on paired slices of the two views; f_inter aggregates
 each view's slices into a volume feature for L_inter; L_mask predicts masked slice embeddings from the rest.
 """
@@ -476,7 +476,11 @@ class JointSSL(LightningModule):
             for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None
         ]
         self._norm_snapshot = [buffer.clone() for buffer in self._norm_statistics]
-        if self.intra.memory_is_empty() or self.inter.memory_is_empty():
+        # Only the banks of active losses (a DeepCluster-v2 mask-only stage would otherwise read a whole epoch of
+        # data for nothing).
+        intra_needs = self.hparams.intra_weight > 0 and self.intra.memory_is_empty()
+        inter_needs = self.hparams.inter_weight > 0 and self.inter.memory_is_empty()
+        if intra_needs or inter_needs:
             self._fill_memory_banks()
 
     @torch.no_grad()

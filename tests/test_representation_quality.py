@@ -186,7 +186,7 @@ def test_prepare_writes_manifests_without_held_out_items(fake_tree: Path, tmp_pa
 
 def test_overrides_scale_every_row_alike(tmp_path: Path) -> None:
     """The same CPU_SCALE for every row; prototype counts per head follow the config's number of heads."""
-    for row in ("swav_2d", "deepcluster_2d", "joint_swav", "stage2_mask"):
+    for row in ("swav_2d", "deepcluster_2d", "joint_swav", "stage2_mask_swav", "stage2_mask_deepcluster"):
         config = rq.load_yaml(rq.CONFIG_DIR / f"{row}.yaml")
         overrides = rq.row_overrides(config, rq.CPU_SCALE, 1000, 300, 0, tmp_path, tmp_path, "i.csv", None, None)
         for key, value in rq.CPU_SCALE.items():
