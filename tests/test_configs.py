@@ -133,3 +133,68 @@ def test_readmes_timm_snippet_loads_a_fresh_demo_export(demo_run: tuple[Path, Pa
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ResNet"
+
+
+PRETRAIN_CONFIGS = sorted((REPO_ROOT / "configs" / "pretrain").glob("*.yaml"))
+
+
+def one_step_overrides(config: Path, experiment: Path, data_root: Path) -> list[str]:
+    """Shrink a shipped pretraining config to one CPU step on generated data, keeping its trainer, logger,
+    callbacks and checkpoint settings (what decides where files go) as they are."""
+    import yaml
+
+    shipped = yaml.safe_load(config.read_text())
+    model, data = shipped["model"]["init_args"], shipped["data"]["init_args"]
+    heads, heads_3d = len(model.get("num_prototypes", [0])), len(model.get("num_prototypes_3d", [0]))
+    with_volumes = bool(data.get("volumes"))
+    return [
+        f"--trainer.default_root_dir={experiment}", "--trainer.max_steps=1", "--trainer.precision=32-true",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--model.init_args.backbone=resnet10t", "--model.init_args.d_model=32", "--model.init_args.init_from=null",
+        f"--model.init_args.num_prototypes=[{', '.join(['4'] * heads)}]",
+        f"--model.init_args.num_prototypes_3d=[{', '.join(['2'] * heads_3d)}]",
+        "--model.init_args.queue_length=0", "--model.init_args.queue_length_3d=0",
+        "--model.init_args.checkpoint_slices=false",
+        "--data.init_args.images=[]", "--data.init_args.volumes=[]",
+        f"--data.init_args.synthetic.root={data_root}", "--data.init_args.synthetic.num_images=8",
+        "--data.init_args.synthetic.image_size=32",
+        f"--data.init_args.synthetic.num_volumes={2 if with_volumes else 0}",
+        "--data.init_args.synthetic.volume_shape=[32, 32, 8]",
+        "--data.init_args.batch_size=4", "--data.init_args.volume_batch_size=2", "--data.init_args.num_workers=0",
+        "--data.init_args.global_crop_size=32", "--data.init_args.local_crop_size=16",
+        "--data.init_args.num_local_crops=2", "--data.init_args.num_slices=8", "--data.init_args.volume_size=32",
+        "--data.init_args.volume_in_plane_size=32",
+    ]
+
+
+@pytest.mark.parametrize("config", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_pretraining_config_writes_only_under_default_root_dir(config: Path, tmp_path: Path, monkeypatch) -> None:
+    """One step of each shipped recipe with the experiment directory moved elsewhere: config, logs, checkpoints
+    and the volume cache all land in it, and nothing in the working directory."""
+    workdir, experiment, data_root = tmp_path / "cwd", tmp_path / "elsewhere" / "exp", tmp_path / "data"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    cli_main(["fit", "--config", str(config), *one_step_overrides(config, experiment, data_root)])
+    assert list(workdir.iterdir()) == []
+    written = {str(p.relative_to(experiment)) for p in experiment.rglob("*") if p.is_file()}
+    assert {"config.yaml", "checkpoints/last.ckpt", "logs/version_0/metrics.csv"} <= written, written
+    outside = {p for p in tmp_path.rglob("*") if p.is_file()} - {p for p in experiment.rglob("*")}
+    assert all(data_root in p.parents for p in outside), sorted(outside)  # only the generated data
+
+
+def test_staged_chains_hand_on_to_their_own_previous_stage() -> None:
+    # Each stage starts from the last.ckpt of the previous stage of the same method, in its own directory.
+    import yaml
+
+    def load(name: str) -> dict:
+        return yaml.safe_load((REPO_ROOT / "configs" / "pretrain" / f"{name}.yaml").read_text())
+
+    for method in ("swav", "deepcluster"):
+        chain = [load(f"stage1_2d_{method}"), load(f"stage2_mask_{method}"), load(f"stage3_inter_{method}")]
+        for previous, stage in zip(chain, chain[1:]):
+            expected = f"{previous['trainer']['default_root_dir']}/checkpoints/last.ckpt"
+            assert stage["model"]["init_args"]["init_from"] == expected
+        assert {stage["model"]["init_args"]["method"] for stage in chain} == {method}
+    roots = [yaml.safe_load(p.read_text())["trainer"]["default_root_dir"] for p in PRETRAIN_CONFIGS]
+    assert len(set(roots)) == len(roots), "two recipes share an experiment directory"

@@ -247,6 +247,18 @@ def test_disk_cache_is_filled_by_validation_and_reused_by_later_runs(tmp_path, d
     assert len(decode_calls) == 4, "a later run validates and trains from the cache"
 
 
+def test_disk_cache_without_cache_dir_lives_in_the_experiment_directory(tmp_path, decode_calls):
+    # One experiment = one directory: `volume_cache: disk` alone caches under <default_root_dir>/volume_cache.
+    from lightning.pytorch import Trainer
+
+    datamodule = make_datamodule(tmp_path / "data", volume_cache="disk", slice_stride=2)
+    with pytest.raises(ValueError, match="needs a Trainer"):  # no experiment directory to put it in
+        datamodule.setup("fit")
+    datamodule.trainer = Trainer(default_root_dir=tmp_path / "experiment", accelerator="cpu", logger=False)
+    datamodule.setup("fit")
+    assert len(list((tmp_path / "experiment" / "volume_cache").rglob("*.pt"))) == 4
+
+
 def test_cached_volumes_check_and_subset_share_the_memory_cache(tmp_path, decode_calls):
     good, bad = make_bad_volumes(tmp_path / "volumes")
     records = [VolumeRecord(str(path), "v") for path in [good[0], *bad, good[1]]]
@@ -457,7 +469,6 @@ def test_size_and_source_errors(tmp_path):
     [
         ({"slice_stride": 0}, "slice_stride"),
         ({"volume_batch_size": 0}, "volume_batch_size"),
-        ({"volume_cache": "disk"}, "cache_dir"),
         ({"volume_cache": "ram"}, "volume_cache"),
         ({"hu_window": (100, -100)}, "hu_window"),
         ({"mr_percentiles": (50, 10)}, "mr_percentiles"),

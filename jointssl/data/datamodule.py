@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -104,9 +105,11 @@ class JointDataModule(pl.LightningDataModule):
             volume slices in the 2D stream (each volume contributes ceil(n_slices / k) samples).
         volume_cache: where decoded volumes are kept: "memory" (every rank holds all of them in RAM: about
             n_volumes x slices x volume_in_plane_size^2 x 4 bytes), "disk" (under ``cache_dir``, reused by later
-            runs), "none" (decode on every access: slow, above all for the slice stream) or "auto" ("disk" when
-            ``cache_dir`` is set, else "memory").
-        cache_dir: folder of the disk cache of decoded volumes.
+            epochs and runs), "none" (decode on every access: slow, above all for the slice stream) or "auto"
+            ("disk" when ``cache_dir`` is set, else "memory").
+        cache_dir: folder of the disk cache of decoded volumes. None with ``volume_cache: disk``: the experiment's
+            own ``<trainer.default_root_dir>/volume_cache`` (so that a run writes nothing outside its directory);
+            give one folder to several experiments to decode the same volumes only once.
         on_bad_file: what to do with files that cannot be decoded or are unusable (too small images; 4D, NaN,
             constant or too thin volumes): ``"error"`` stops in ``setup`` with one list of every bad file;
             ``"skip"`` logs each one and trains without it.
@@ -236,7 +239,7 @@ class JointDataModule(pl.LightningDataModule):
         volume_records = discover_volumes(volume_sources) if volume_sources else []
         image_problems = self._find_bad_images(image_records, threads)
         candidates = CachedVolumes(
-            volume_records, self.volume_load_kwargs, self.volume_cache, self.cache_dir, preload=False
+            volume_records, self.volume_load_kwargs, self.volume_cache, self._volume_cache_dir(), preload=False
         )
         volume_results = self._check_volumes(candidates, threads)
         volume_problems = [result for result in volume_results if isinstance(result, BadFileError)]
@@ -509,6 +512,15 @@ class JointDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.global_rank if trainer is not None else distributed.rank()
 
+    def _volume_cache_dir(self) -> str | None:
+        """``cache_dir``, or for ``volume_cache: disk`` without one the experiment's ``volume_cache`` folder."""
+        if self.cache_dir is not None or self.volume_cache != "disk":
+            return self.cache_dir
+        trainer = self.trainer
+        if trainer is None:
+            raise ValueError('volume_cache="disk" without a cache_dir needs a Trainer (its default_root_dir)')
+        return str(Path(trainer.default_root_dir) / "volume_cache")
+
     def _find_bad_images(self, records: list[ImageRecord], threads: int) -> list[BadFileError]:
         """Decode this rank's share of the images; return every rank's findings, in record order."""
         world, rank = distributed.world_size(), distributed.rank()
@@ -587,5 +599,4 @@ def _check_configuration(
         raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
     if volume_cache not in ("auto", "none", "memory", "disk"):
         raise ValueError(f"volume_cache must be 'auto', 'none', 'memory' or 'disk', got {volume_cache!r}")
-    if volume_cache == "disk" and cache_dir is None:
-        raise ValueError('volume_cache="disk" needs a cache_dir')
+
