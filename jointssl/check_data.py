@@ -2,6 +2,7 @@
 
     jointssl check-data --images /data/cxr /data/ct_slices.csv --volumes /data/ct --threads 8
     jointssl check-data --config configs/pretrain/joint_swav.yaml
+    jointssl check-data --config configs/pretrain/joint_swav.yaml --data.init_args.volumes='[/data/ct]'
 
 It runs exactly the validation of :meth:`jointssl.data.JointDataModule.setup` (the same discovery, the same
 decoders and checks, the same load settings) without starting a training run, and prints one line per finding::
@@ -17,8 +18,9 @@ volumes, ...); ``ignored`` lines are files in volume folders that are not volume
 bad, 1 when some are, 2 for usage errors (no sources, a source that does not exist, an unreadable config).
 
 With ``--config`` the sources and load settings (``volume_modality``, ``slice_axis``, ``volume_in_plane_size``,
-``num_slices``, ``global_crop_size``, ...) come from the config's ``data`` section, so the check covers what
-``jointssl fit --config`` would load; ``--images`` / ``--volumes`` then replace the config's sources of that kind.
+``num_slices``, ``global_crop_size``, ...) come from the config's ``data`` section, parsed by ``jointssl fit``'s own
+parser (config fragments, several ``--config``, dotted overrides after it), so the check covers what ``jointssl fit``
+with the same arguments would load; ``--images`` / ``--volumes`` then replace the config's sources of that kind.
 Without it, the defaults of :class:`~jointssl.data.JointDataModule` apply.
 """
 
@@ -216,32 +218,31 @@ def _check_volumes(sources: Sequence[str | os.PathLike], settings: CheckSettings
 # ----------------------------------------------------------------------------------------------------------
 
 
-def datamodule_from_config(config_path: str | os.PathLike):
-    """The data module that ``jointssl fit --config CONFIG`` would build (constructed only: nothing is generated
-    or loaded). Raises :class:`UsageError` when the config cannot be read or its data section is invalid."""
-    import yaml
+def datamodule_from_config(fit_arguments: Sequence[str]):
+    """The data module that ``jointssl fit FIT_ARGUMENTS`` would build, parsed by fit's own parser (config files,
+    fragments such as ``data: data.yaml``, dotted overrides) and constructed only: nothing is generated or loaded.
+    Raises :class:`UsageError` when the arguments or the data section are invalid."""
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    path = Path(config_path)
+    from jointssl.cli import parse_fit_arguments
+
+    shown = " ".join(fit_arguments)
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"cannot read the config {path}: {error}") from None
-    section = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(section, dict):
-        raise UsageError(f"the config {path} has no `data` section (class_path + init_args)")
-    if "class_path" not in section:  # a bare init_args mapping
-        section = {"class_path": "jointssl.data.JointDataModule", "init_args": section}
+        # Only the data section matters here, so a data-only config is accepted too: the pretraining module stands
+        # in for a missing `model` (a config's own model replaces it).
+        config = parse_fit_arguments(["--model=jointssl.pretrain.JointSSL", *fit_arguments])
+    except ValueError as error:
+        raise UsageError(f"cannot parse `jointssl fit {shown}`: {error}") from None
+    if config.get("data") is None:
+        raise UsageError(f"`jointssl fit {shown}` has no `data` section (class_path + init_args)")
+    # The fit parser only validates; build the data module alone (the model, maybe a ResNet-50, is not needed).
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data")
     try:
-        parsed = parser.parse_object({"data": section})
-        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-        datamodule = instantiate(parsed).data
-    except Exception as error:  # jsonargparse and the constructor's own checks: a bad data section
-        raise UsageError(f"invalid `data` section in {path}: {error}") from None
-    return datamodule
+        return parser.instantiate_classes(parser.parse_object({"data": config.data.as_dict()})).data
+    except Exception as error:  # the constructor's own checks (a source that is not a list, a bad modality, ...)
+        raise UsageError(f"invalid `data` section in `jointssl fit {shown}`: {error}") from None
 
 
 def settings_from_datamodule(datamodule, threads: int | None) -> CheckSettings:
@@ -273,6 +274,7 @@ def _existing_synthetic_sources(sources: list[str], folder) -> tuple[list[str], 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,  # `--conf...` or `--data...` overrides belong to fit's parser, not to a prefix of ours
         description=(
             "Check every training image and volume once, with the validation of JointDataModule.setup, and report "
             "every bad file (path: error: reason), repair (path: warning: ...) and ignored file in one pass. Exit "
@@ -297,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
+        action="append",
         metavar="CONFIG.yaml",
-        help="a jointssl config: its data section gives the sources and load settings (--images/--volumes replace "
-        "its sources of that kind)",
+        help="a jointssl config, read as `jointssl fit --config` reads it (repeatable; any other `jointssl fit` "
+        "option such as --data.init_args.volumes=[...] may follow): its data section gives the sources and load "
+        "settings (--images/--volumes replace its sources of that kind)",
     )
     parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: validation_threads)")
     return parser
@@ -308,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str]) -> int:
     """Parse ``argv``, check the data, print the report; return the exit status."""
     parser = build_parser()
-    options = parser.parse_args(list(argv))  # exits with status 2 on bad arguments
+    options, fit_overrides = parser.parse_known_args(list(argv))  # exits with status 2 on bad arguments
+    if fit_overrides and not options.config:
+        parser.error(f"unrecognized arguments: {' '.join(fit_overrides)} (`jointssl fit` options need a --config)")
+    options.fit_arguments = [arg for path in options.config or [] for arg in ("--config", path)] + fit_overrides
     if options.threads is not None and options.threads < 1:
         parser.error("--threads must be >= 1")
     # Readers' own log lines (nibabel's "pixdim should be positive; setting to abs", MONAI's missing GPU codecs)
@@ -330,7 +337,7 @@ def _check_from_options(options: argparse.Namespace) -> DataCheckReport:
 
     notes: list[Finding] = []
     if options.config:
-        datamodule = datamodule_from_config(options.config)
+        datamodule = datamodule_from_config(options.fit_arguments)
         images = list(datamodule.image_sources) if options.images is None else list(options.images)
         volumes = list(datamodule.volume_sources) if options.volumes is None else list(options.volumes)
         synthetic = datamodule.synthetic

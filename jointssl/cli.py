@@ -335,9 +335,23 @@ HELPER_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
 }
 
 
+#: How `jointssl fit` and everything that parses like it see the model and data: any LightningModule /
+#: LightningDataModule by class_path. Every module builds its own optimizer from its constructor arguments
+#: (pretraining: LARS with the batch-size learning-rate scaling and the per-part groups); LightningCLI's
+#: `--optimizer`/`--lr_scheduler` would silently replace that, so they do not exist (an error, not a new run).
+CLI_SCHEMA: dict[str, Any] = {
+    "model_class": LightningModule,
+    "datamodule_class": LightningDataModule,
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "auto_configure_optimizers": False,
+}
+
+
 def _helper_epilog() -> str:
-    lines = [f"{name}: {text}" for name, (text, _) in HELPER_COMMANDS.items()]
-    return "other commands (jointssl COMMAND --help): " + "; ".join(lines)
+    width = max(len(name) for name in HELPER_COMMANDS)
+    lines = [f"  jointssl {name:<{width}}  {text}" for name, (text, _) in HELPER_COMMANDS.items()]
+    return "other commands (each has its own --help):\n" + "\n".join(lines)
 
 
 def main(args: ArgsType = None) -> None:
@@ -352,22 +366,38 @@ def main(args: ArgsType = None) -> None:
         HELPER_COMMANDS[argv[0]][1](argv[1:])
         return
     JointSSLCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
+        **CLI_SCHEMA,
         # A second run in the same directory must not fail on an existing config.yaml.
         save_config_kwargs={"overwrite": True},
         # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
         save_config_callback=ExperimentConfigCallback,
-        # Every module builds its own optimizer from its constructor arguments (pretraining: LARS with the
-        # batch-size learning-rate scaling and the per-part groups). LightningCLI's `--optimizer`/`--lr_scheduler`
-        # would silently replace that, so they do not exist: a user who passes them gets an error, not a new run.
-        auto_configure_optimizers=False,
         # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
-        parser_kwargs={"epilog": _helper_epilog()},
+        parser_kwargs={"epilog": _helper_epilog(), "formatter_class": argparse.RawDescriptionHelpFormatter},
         args=args,
     )
+
+
+class _ParseOnlyCLI(JointSSLCLI):
+    """Parses exactly as `jointssl fit` and stops there: nothing is seeded, built or run."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_fit_arguments(args: Sequence[str]) -> Any:
+    """The configuration (a jsonargparse Namespace) that `jointssl fit ARGS` would run with, parsed by fit's own
+    parser: `--config` files and fragments (`data: data.yaml`), dotted overrides (`--data.init_args.images=[...]`),
+    several `--config`s. Raises ValueError with the parser's message when the arguments are invalid."""
+    try:
+        with warnings.catch_warnings():
+            # The caller's own sys.argv (e.g. `jointssl check-data ...`) is not what is parsed here, on purpose.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return _ParseOnlyCLI(**CLI_SCHEMA, run=False, parser_kwargs={"exit_on_error": False}, args=list(args)).config
+    except (argparse.ArgumentError, SystemExit) as error:  # jsonargparse: ArgumentError; argparse internals: exit
+        raise ValueError(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -313,3 +313,29 @@ def test_check_data_config_uses_training_settings(workspace: Path, good: GoodDat
     output = capsys.readouterr().out
     assert output.count("fewer than num_slices 64") == 2
     assert "synthetic data not generated yet" in output
+
+
+def test_check_data_parses_the_config_as_fit_does(workspace: Path, good: GoodData, capsys):
+    """A shipped recipe whose sources do not exist here, pointed at other data by dotted overrides, and a config
+    whose `data` is a fragment file: check-data reads both as `jointssl fit` would."""
+    recipe = REPO_ROOT / "configs" / "pretrain" / "joint_swav.yaml"
+    overrides = [f"--data.init_args.images=[{good.images}]", f"--data.init_args.volumes=[{good.volumes}]"]
+    assert run(["--config", str(recipe), *overrides, "--data.init_args.num_slices=64", "--threads", "1"]) == EXIT_CLEAN
+    output = capsys.readouterr().out
+    assert "4 files checked (2 images, 2 volumes)" in output
+    assert output.count("fewer than num_slices 64") == 2  # the override reached the load settings
+
+    fragment = workspace / "fragment_data.yaml"
+    fragment.write_text(yaml.safe_dump({"class_path": "jointssl.data.JointDataModule", "init_args": {"images": [good.images]}}))
+    config = workspace / "with_fragment.yaml"
+    config.write_text(f"model:\n  class_path: jointssl.pretrain.JointSSL\ndata: {fragment}\n")
+    assert run(["--config", str(config), "--threads", "1"]) == EXIT_CLEAN
+    assert "2 files checked (2 images, 0 volumes)" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as raised:  # a typo in an override is a usage error naming the option
+        run(["--config", str(config), "--data.init_args.volume=[x]"])
+    assert raised.value.code == EXIT_USAGE
+    assert "volume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as raised:  # fit options without a config
+        run(["--images", good.images, "--data.init_args.num_slices=4"])
+    assert raised.value.code == EXIT_USAGE
