@@ -414,7 +414,7 @@ def read_pairs_manifest(manifest: str | os.PathLike, include: str | None = None)
     """Pairs from a CSV with ``image`` and ``label`` columns (optional ``modality``: CT/MR/empty).
 
     Relative paths are taken relative to the manifest's folder. Rows with an empty label are not pairs and are
-    skipped (e.g. /work/shared/data/volumes/pairs.csv lists unlabelled volumes too). ``include`` keeps only
+    skipped (a study's manifest often lists its unlabelled volumes too). ``include`` keeps only
     images whose file name matches the glob (e.g. ``"PGBM-*_FLAIR*"``).
     """
     manifest = Path(manifest)
