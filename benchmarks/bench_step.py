@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from jointssl.losses import DeepClusterMemory, DeepClusterV2Loss, SwAVLoss
 from jointssl.models import ProjectionHead, Prototypes, SliceEncoder
-from jointssl.optim import LARS
+from jointssl.optim import lars
 
 # A step: takes the [crops * B, 1, H, W] batch and the [B] sample indices, runs forward + backward (+ updates).
 StepFn = Callable[[Tensor, Tensor], None]
@@ -132,7 +132,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    variants: dict[str, tuple[nn.Module, StepFn, LARS | None]] = {}
+    variants: dict[str, tuple[nn.Module, StepFn, torch.optim.Optimizer | None]] = {}
     for name, factory in [
         ("backbone", make_backbone_step),
         ("swav", make_swav_step),
@@ -140,7 +140,7 @@ def main() -> None:
     ]:
         model, step = factory(args, device)
         optimizer = (
-            LARS([p for p in model.parameters() if p.requires_grad], lr=0.1) if args.optimizer else None
+            lars(model.parameters(), lr=0.1) if args.optimizer else None
         )
         variants[name] = (model, step, optimizer)
 

@@ -34,7 +34,7 @@ from jointssl.losses import interpolate_masked_slices, masked_embedding_loss, ra
 from jointssl.losses.clustering import ClusteringTask  # noqa: E402
 from jointssl.models import MaskDecoder, SliceAggregator  # noqa: E402
 from jointssl.models.aggregator import standardise_slices  # noqa: E402
-from jointssl.optim import LARS  # noqa: E402
+from jointssl.optim import lars  # noqa: E402
 from jointssl.pretrain import JointSSL  # noqa: E402
 
 
@@ -94,7 +94,7 @@ def mask_variant(z_all: torch.Tensor, *, target: str, input: str, span: int, rat
     decoder = MaskDecoder(d_model)
     parameters = list(aggregator.parameters()) + list(decoder.parameters())
     if optimizer == "lars":
-        opt = LARS(parameters, lr=lr, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3)
+        opt = lars(parameters, lr=lr, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3)
     else:
         opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
@@ -168,7 +168,7 @@ def inter_variant(z_all: torch.Tensor, *, input_norm: str, hidden: int, prototyp
                           num_prototypes=[prototypes], temperature=0.1, sinkhorn_epsilon=0.05,
                           sinkhorn_iterations=3, queue_length=queue, kmeans_iterations=10)
     parameters = list(aggregator.parameters()) + list(task.parameters())
-    opt = LARS(parameters, lr=0.075, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3)
+    opt = lars(parameters, lr=0.075, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):

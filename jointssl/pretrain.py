@@ -34,7 +34,7 @@ from jointssl.losses import (
 from jointssl.losses.clustering import ClusteringTask
 from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
 from jointssl.models.aggregator import standardise_slices
-from jointssl.optim import LARS, warmup_cosine_scheduler
+from jointssl.optim import lars, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl")
 
@@ -342,8 +342,8 @@ class JointSSL(LightningModule):
             "learning rate %.4g = base_lr %.4g x global batch %d / %d",
             lr, self.hparams.base_lr, self.global_batch_size(), self.hparams.lr_reference_batch_size,
         )
-        optimizer = LARS(
-            [p for p in self.parameters() if p.requires_grad],
+        optimizer = lars(
+            self.parameters(),
             lr=lr,
             momentum=self.hparams.momentum,
             weight_decay=self.hparams.weight_decay,

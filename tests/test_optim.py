@@ -1,4 +1,4 @@
-"""LARS against hand-computed steps, and the warm-up + cosine schedule."""
+"""LARS (timm's Lars in jointssl's two decay groups) against hand-computed steps, and the warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from jointssl.optim import LARS, WarmupCosine, split_decay_groups, warmup_cosine_lambda
+from jointssl.optim import WarmupCosine, lars, split_decay_groups, warmup_cosine_lambda
 
 
 def _param(values: list[list[float]] | list[float]) -> nn.Parameter:
@@ -22,7 +22,7 @@ def _param(values: list[list[float]] | list[float]) -> nn.Parameter:
 def test_lars_two_steps_match_hand_computation() -> None:
     weight = _param([[3.0, 4.0]])  # ||p|| = 5
     lr, wd, eta, momentum, eps = 0.5, 0.1, 1e-3, 0.9, 1e-8
-    optimizer = LARS([weight], lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=eta, eps=eps)
+    optimizer = lars([weight], lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=eta)
 
     weight.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)  # ||g|| = 1
     optimizer.step()
@@ -41,38 +41,20 @@ def test_lars_two_steps_match_hand_computation() -> None:
     torch.testing.assert_close(weight.data, torch.tensor([p2], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_lars_clip_caps_the_effective_rate_at_lr() -> None:
-    weight = _param([[3.0, 4.0]])
-    # trust = 10 * 5 / 1 = 50 > lr = 0.1, so clipping gives scale min(50 / 0.1, 1) = 1: plain SGD + weight decay.
-    optimizer = LARS([weight], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=10.0, clip=True)
-    weight.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
-    optimizer.step()
-    torch.testing.assert_close(weight.data, torch.tensor([[3.0 - 0.06, 4.0 - 0.08]], dtype=torch.float64))
-
-
 def test_one_dimensional_params_get_no_decay_and_no_adaptation() -> None:
     bias = _param([1.0, -2.0])
-    optimizer = LARS([bias], lr=0.5, momentum=0.9, weight_decay=0.5, trust_coefficient=1e-3)
+    optimizer = lars([bias], lr=0.5, momentum=0.9, weight_decay=0.5, trust_coefficient=1e-3)
     bias.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
     optimizer.step()
     torch.testing.assert_close(bias.data, torch.tensor([1.0 - 0.1, -2.0 - 0.2], dtype=torch.float64))
 
-    # Without the exclusion the same 1-D tensor is adapted like a weight matrix.
-    bias_included = _param([1.0, -2.0])
-    optimizer_included = LARS([bias_included], lr=0.5, weight_decay=0.5, exclude_bias_and_norm=False)
-    bias_included.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
-    optimizer_included.step()
-    p_norm, g_norm = math.sqrt(5.0), math.sqrt(0.2)
-    trust = 1e-3 * p_norm / (g_norm + 0.5 * p_norm + 1e-8)
-    expected = [1.0 - 0.5 * trust * (0.2 + 0.5 * 1.0), -2.0 - 0.5 * trust * (0.4 + 0.5 * -2.0)]
-    torch.testing.assert_close(bias_included.data, torch.tensor(expected, dtype=torch.float64))
 
 
 def test_bias_and_norm_params_follow_plain_sgd() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     reference = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.ndim == 1]
-    lars = LARS(model.parameters(), lr=0.3, momentum=0.9, weight_decay=0.1)
+    optimizer = lars(model.parameters(), lr=0.3, momentum=0.9, weight_decay=0.1)
     sgd = torch.optim.SGD(reference, lr=0.3, momentum=0.9, weight_decay=0.0)
     one_d = [p for p in model.parameters() if p.ndim == 1]
     for _ in range(3):
@@ -80,7 +62,7 @@ def test_bias_and_norm_params_follow_plain_sgd() -> None:
         for p, r, g in zip(one_d, reference, grads):
             p.grad, r.grad = g.clone(), g.clone()
         model[0].weight.grad = torch.randn_like(model[0].weight)
-        lars.step()
+        optimizer.step()
         sgd.step()
     for p, r in zip(one_d, reference):
         torch.testing.assert_close(p.data, r.data)
@@ -91,7 +73,7 @@ def test_zero_trust_coefficient_is_plain_sgd_with_weight_decay() -> None:
     model = nn.Linear(4, 3)
     reference = nn.Linear(4, 3)
     reference.load_state_dict(model.state_dict())
-    lars = LARS(model.parameters(), lr=0.3, momentum=0.9, weight_decay=0.1, trust_coefficient=0.0)
+    optimizer = lars(model.parameters(), lr=0.3, momentum=0.9, weight_decay=0.1, trust_coefficient=0.0)
     sgd = torch.optim.SGD(
         [
             {"params": [reference.weight], "weight_decay": 0.1},
@@ -104,28 +86,37 @@ def test_zero_trust_coefficient_is_plain_sgd_with_weight_decay() -> None:
         for p, r in zip(model.parameters(), reference.parameters()):
             p.grad = torch.randn_like(p)
             r.grad = p.grad.clone()
-        lars.step()
+        optimizer.step()
         sgd.step()
     for p, r in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.data, r.data)
 
 
-def test_params_without_grad_or_with_zero_grad_stay_put() -> None:
+def test_params_without_grad_stay_put_and_a_zero_grad_gets_only_weight_decay() -> None:
     untouched = _param([[1.0, 2.0]])
     zero_grad = _param([[1.0, 2.0]])
-    optimizer = LARS([untouched, zero_grad], lr=1.0, weight_decay=0.5)
+    optimizer = lars([untouched, zero_grad], lr=1.0, weight_decay=0.5)
     zero_grad.grad = torch.zeros_like(zero_grad)
     optimizer.step()
     assert torch.equal(untouched.data, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
     assert untouched not in optimizer.state
-    # A zeroed gradient means "frozen": no weight decay either (as in the references).
-    assert torch.equal(zero_grad.data, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    # timm's Lars: trust 1 for a zero gradient, so d = weight_decay * p (SwAV's LARC skipped it; jointssl never
+    # steps on zero gradients: frozen parts and skipped steps have grad None).
+    torch.testing.assert_close(zero_grad.data, torch.tensor([[0.5, 1.0]], dtype=torch.float64))
+
+
+def test_zero_weight_decay_is_still_lars() -> None:
+    weight = _param([[3.0, 4.0]])
+    optimizer = lars([weight], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.1)
+    weight.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)  # ||g|| = 1, ||p|| = 5: trust 0.5
+    optimizer.step()
+    torch.testing.assert_close(weight.data, torch.tensor([[3.0 - 0.3, 4.0 - 0.4]], dtype=torch.float64))
 
 
 def test_state_dict_round_trip_resumes_identically() -> None:
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
-    optimizer = LARS(model.parameters(), lr=0.2)
+    optimizer = lars(model.parameters(), lr=0.2)
     grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(2)]
     for p, g in zip(model.parameters(), grads[0]):
         p.grad = g
@@ -133,7 +124,7 @@ def test_state_dict_round_trip_resumes_identically() -> None:
 
     clone = nn.Linear(5, 3)
     clone.load_state_dict(model.state_dict())
-    clone_optimizer = LARS(clone.parameters(), lr=0.2)
+    clone_optimizer = lars(clone.parameters(), lr=0.2)
     # Through a serialised checkpoint: a live state_dict shares its momentum buffers with the optimizer.
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
@@ -157,7 +148,7 @@ def test_split_decay_groups() -> None:
 
 def test_warmup_cosine_schedule_values() -> None:
     parameter = nn.Parameter(torch.zeros(2, 2))
-    optimizer = LARS([parameter], lr=2.0)
+    optimizer = lars([parameter], lr=2.0)
     scheduler = LambdaLR(optimizer, warmup_cosine_lambda(warmup_steps=10, total_steps=110, min_lr_ratio=0.1))
     lrs = []
     for _ in range(120):
@@ -186,13 +177,13 @@ def test_schedule_without_warmup_and_pickling() -> None:
 
 
 def test_scheduler_state_restores() -> None:
-    optimizer = LARS([nn.Parameter(torch.zeros(2, 2))], lr=1.0)
+    optimizer = lars([nn.Parameter(torch.zeros(2, 2))], lr=1.0)
     scheduler = LambdaLR(optimizer, warmup_cosine_lambda(3, 20))
     for _ in range(7):
         optimizer.step()
         scheduler.step()
     state = scheduler.state_dict()
-    fresh_optimizer = LARS([nn.Parameter(torch.zeros(2, 2))], lr=1.0)
+    fresh_optimizer = lars([nn.Parameter(torch.zeros(2, 2))], lr=1.0)
     fresh = LambdaLR(fresh_optimizer, warmup_cosine_lambda(3, 20))
     fresh.load_state_dict(state)
     fresh_optimizer.load_state_dict(optimizer.state_dict())
