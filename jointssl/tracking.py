@@ -17,6 +17,7 @@ logged.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
@@ -88,6 +89,10 @@ class ExperimentWandbLogger(WandbLogger):
         log_model: bool | Literal["all"] = False,
         prefix: str = "",
     ) -> None:
+        if importlib.util.find_spec("wandb") is None:  # an optional extra; Lightning's own message names no fix
+            raise ModuleNotFoundError(
+                "W&B logging needs the `wandb` package: pip install 'jointssl[wandb]' (make install includes it)"
+            )
         if offline and log_model:
             raise ValueError("log_model needs online mode: checkpoints cannot be uploaded offline (offline=true)")
         if run_id is not None:

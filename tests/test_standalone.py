@@ -55,3 +55,26 @@ def test_the_scan_finds_outside_paths(tmp_path: Path) -> None:
 def test_no_path_outside_the_repository(file: Path) -> None:
     outside = paths_outside_repository(file.read_text(errors="replace"), file)
     assert not outside, f"{file.relative_to(REPO_ROOT)} names paths outside the repository: {outside}"
+
+
+def test_constraints_pin_versions_pyproject_allows() -> None:
+    """constraints.txt (what make install applies) pins every declared dependency, inside pyproject's bounds."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
+        if name == "jointssl":  # an extra that includes another extra
+            continue
+        assert name in pins, f"{requirement.name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {requirement}"
