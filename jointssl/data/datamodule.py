@@ -164,7 +164,6 @@ class JointDataModule(pl.LightningDataModule):
             volume_in_plane_size=volume_in_plane_size,
             slice_stride=slice_stride,
             volume_cache=volume_cache,
-            cache_dir=cache_dir,
         )
         self.images = list(images)
         self.volumes = list(volumes)
@@ -574,7 +573,6 @@ def _check_configuration(
     volume_in_plane_size: int | None,
     slice_stride: int,
     volume_cache: str,
-    cache_dir: str | None,
 ) -> None:
     """Reject invalid settings when the config is parsed rather than after minutes of validation."""
     if batch_size < 1:
@@ -599,4 +597,3 @@ def _check_configuration(
         raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
     if volume_cache not in ("auto", "none", "memory", "disk"):
         raise ValueError(f"volume_cache must be 'auto', 'none', 'memory' or 'disk', got {volume_cache!r}")
-
