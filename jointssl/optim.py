@@ -44,18 +44,13 @@ def lars(
 
 
 def decay_groups(parameters: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """Two param groups of the trainable ``parameters``: tensors with ``ndim > 1`` get ``weight_decay``, biases and
-    norm parameters (``ndim <= 1``) get none."""
+    """Two param groups of the trainable ``parameters`` (LARS and every other optimizer): tensors with ``ndim > 1``
+    get ``weight_decay``, biases and norm parameters (``ndim <= 1``) get none."""
     trainable = [p for p in parameters if p.requires_grad]
     return [
         {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
     ]
-
-
-def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """:func:`decay_groups` of a model's parameters, for optimizers other than LARS (e.g. AdamW fine-tuning)."""
-    return decay_groups(model.parameters(), weight_decay)
 
 
 class WarmupCosine:

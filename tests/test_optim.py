@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from jointssl.optim import WarmupCosine, lars, split_decay_groups, warmup_cosine_lambda
+from jointssl.optim import WarmupCosine, decay_groups, lars, warmup_cosine_lambda
 
 
 def _param(values: list[list[float]] | list[float]) -> nn.Parameter:
@@ -138,9 +138,9 @@ def test_state_dict_round_trip_resumes_identically() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_split_decay_groups() -> None:
+def test_decay_groups() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
-    decayed, not_decayed = split_decay_groups(model, weight_decay=0.05)
+    decayed, not_decayed = decay_groups(model.parameters(), weight_decay=0.05)
     assert decayed["weight_decay"] == 0.05 and not_decayed["weight_decay"] == 0.0
     assert [p.shape for p in decayed["params"]] == [(3, 4)]
     assert len(not_decayed["params"]) == 3

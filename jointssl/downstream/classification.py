@@ -47,7 +47,7 @@ from jointssl.data import BadFileError, DataValidationError, ImageRecord, discov
 from jointssl.data.sources import OnBadFile, validate_images
 from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.common import FrozenPartsMixin, Mode, build_slice_encoders, check_mode, self_contained_hparams
-from jointssl.optim import split_decay_groups, warmup_cosine_scheduler
+from jointssl.optim import decay_groups, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -269,10 +269,10 @@ class ImageClassifier(FrozenPartsMixin, LightningModule):
         decay = self.hparams.weight_decay if self.hparams.weight_decay is not None else default_decay
         if mode == "linear":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                split_decay_groups(self.head, decay), lr=lr, momentum=self.hparams.momentum
+                decay_groups(self.head.parameters(), decay), lr=lr, momentum=self.hparams.momentum
             )
         else:
-            optimizer = torch.optim.AdamW(split_decay_groups(self, decay), lr=lr)
+            optimizer = torch.optim.AdamW(decay_groups(self.parameters(), decay), lr=lr)
         scheduler = warmup_cosine_scheduler(optimizer, self.trainer, self.hparams.warmup_epochs, self.hparams.min_lr_ratio)
         log.info("%s: %s lr %.4g, weight decay %.3g, %d warm-up of %d steps", mode, type(optimizer).__name__, lr,
                  decay, scheduler.lr_lambdas[0].warmup_steps, scheduler.lr_lambdas[0].total_steps)

@@ -17,7 +17,7 @@ from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.distributed import all_gather_cat
 from jointssl.downstream.pretrained import load_pretrained
 from jointssl.models import SliceAggregator, SliceEncoder
-from jointssl.optim import warmup_cosine_lambda
+from jointssl.optim import decay_groups, warmup_cosine_lambda
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -125,25 +125,19 @@ def adamw_with_cosine(
     weight_decay: float,
     total_steps: int,
 ) -> dict[str, Any]:
-    """AdamW (no weight decay on biases and normalisation weights) with a per-step cosine decay to zero.
+    """AdamW (no weight decay on biases and normalisation weights: `decay_groups`) with a per-step cosine decay to zero.
 
     Parameters of ``pretrained_parts`` train at ``lr * pretrained_lr_scale`` (fine-tuning often wants them to
     move less than the freshly initialised head); parameters that do not require gradients are left out.
     """
     pretrained_ids = {id(p) for part in pretrained_parts for p in part.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            key = (id(parameter) in pretrained_ids, parameter.ndim > 1)
-            groups.setdefault(key, []).append(parameter)
-    param_groups = [
-        {
-            "params": params,
-            "lr": lr * (pretrained_lr_scale if is_pretrained else 1.0),
-            "weight_decay": weight_decay if decays else 0.0,
-        }
-        for (is_pretrained, decays), params in sorted(groups.items())
-    ]
+    param_groups = []
+    for is_pretrained in (False, True):
+        part = [p for p in model.parameters() if (id(p) in pretrained_ids) == is_pretrained]
+        decayed, not_decayed = decay_groups(part, weight_decay)
+        for group in (not_decayed, decayed):
+            if group["params"]:
+                param_groups.append({**group, "lr": lr * (pretrained_lr_scale if is_pretrained else 1.0)})
     optimizer = torch.optim.AdamW(param_groups, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(0, max(1, total_steps)))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
