@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that the short class names in configs resolve and `--help` lists them.
@@ -348,6 +349,10 @@ CLI_SCHEMA: dict[str, Any] = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults, env vars) with the epilog's line breaks kept (the command list)."""
+
+
 def _helper_epilog() -> str:
     width = max(len(name) for name in HELPER_COMMANDS)
     lines = [f"  jointssl {name:<{width}}  {text}" for name, (text, _) in HELPER_COMMANDS.items()]
@@ -372,7 +377,7 @@ def main(args: ArgsType = None) -> None:
         # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
         save_config_callback=ExperimentConfigCallback,
         # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
-        parser_kwargs={"epilog": _helper_epilog(), "formatter_class": argparse.RawDescriptionHelpFormatter},
+        parser_kwargs={"epilog": _helper_epilog(), "formatter_class": _HelpFormatter},
         args=args,
     )
 
