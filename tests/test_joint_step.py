@@ -129,3 +129,16 @@ def test_deepcluster_joint_step_uses_memory_banks() -> None:
     assert set(model.inter.memory.indices[model.inter.memory.indices >= 0].tolist()) == {100, 101, 102}
     out["loss"].backward()
     assert not any(p.requires_grad for p in model.intra.prototypes.parameters())
+
+
+def test_deepcluster_state_loads_into_a_module_without_data() -> None:
+    """A DeepCluster-v2 state_dict (memory banks included) loads strictly into a fresh module, as
+    `JointSSL.load_from_checkpoint` does before any data is attached."""
+    model = JointSSL(**{**TINY, "num_prototypes": [5, 4]}, method="deepcluster")
+    model.intra.attach_memory(dataset_size=200, bank_size=50)
+    model.inter.attach_memory(dataset_size=200, bank_size=10)
+    model.compute_losses(make_batch())
+    fresh = JointSSL(**{**TINY, "num_prototypes": [5, 4]}, method="deepcluster")
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh.inter.memory.indices, model.inter.memory.indices)
+    assert fresh.intra.memory.embeddings.shape == model.intra.memory.embeddings.shape

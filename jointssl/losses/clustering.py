@@ -86,6 +86,20 @@ class ClusteringTask(nn.Module):
             kmeans_iterations=self.kmeans_iterations,
         ).to(device)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A DeepCluster-v2 checkpoint holds the memory bank, which `attach_memory` only creates once the data is
+        # known (in `JointSSL.setup`). Loaded before that (e.g. `JointSSL.load_from_checkpoint` for analysis), the
+        # bank is created here with the checkpoint's shapes, so its buffers load instead of being "unexpected".
+        bank_key = f"{prefix}memory.embeddings"
+        if self.method == "deepcluster" and self.memory is None and bank_key in state_dict:
+            self.attach_memory(
+                dataset_size=state_dict[f"{prefix}memory.labels"].shape[1],
+                bank_size=state_dict[bank_key].shape[1],
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def shard_queues(self, world_size: int) -> int:
         """SwAV: each rank keeps 1/world_size of the configured queue length (as the reference), so the queues of
         all ranks together hold the configured number of rows. Returns the per-rank length."""
