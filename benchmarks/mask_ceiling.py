@@ -1,0 +1,154 @@
+"""How much of a masked slice embedding can anything predict beyond interpolating its visible neighbours?
+
+L_mask is judged against two trivial predictors (jointssl.diagnostics): the mean of the visible slices and linear
+interpolation between the nearest visible neighbours (``train/mask_r2_vs_neighbours``). When the model's R^2
+against interpolation stays near 0, either f_inter fails to learn or there is little left to learn. This script
+tells the two apart on held-out volumes, in the units L_mask uses (per-volume standardised slice embeddings of a
+pretraining checkpoint's f_intra, masked with the checkpoint's own mask_ratio and mask_span on windows of its
+num_slices consecutive slices):
+
+- ``model``: the checkpoint's own L_mask prediction (interpolation + mask decoder of f_inter's tokens), eval mode;
+- ``shrunk interpolation``: a * interpolation, ``a`` fitted by least squares on the training volumes;
+- ``learned interpolation``: least squares over the training volumes, shared by all embedding dimensions, of the
+  residual on [interpolation, 2 nearest visible slices on each side, the same times the relative position] (a
+  fitted higher-order interpolation: cubic interpolation is one point of this family).
+
+Each is reported as R^2 against linear interpolation on the held-out windows (> 0: better than interpolation).
+
+    .venv/bin/python benchmarks/mask_ceiling.py CHECKPOINT --train-volumes A.csv --test-volumes B.csv [--json OUT]
+
+CSV manifests with a ``path`` column (as written by representation_quality.py prepare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+import torch
+from torch import Tensor
+
+from jointssl.data.volume_io import VolumeRecord
+from jointssl.evaluation.inputs import preprocess_volume
+from jointssl.losses.masked import interpolate_masked_slices, random_slice_mask, visible_slices
+from jointssl.models.aggregator import standardise_slices
+from jointssl.pretrain import JointSSL
+
+
+def read_paths(manifest: str) -> list[str]:
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:
+        return [row["path"] for row in csv.DictReader(handle)]
+
+
+@torch.no_grad()
+def slice_windows(model: JointSSL, paths: list[str], num_slices: int, size: int, step: int) -> Tensor:
+    """f_intra embeddings of windows of ``num_slices`` consecutive slices, every ``step`` slices: [W, N, D]."""
+    windows = []
+    for path in paths:
+        slices = preprocess_volume(VolumeRecord(path=path, source="ceiling"), size)
+        z = torch.cat([model.encoder(chunk) for chunk in slices.split(64)])
+        windows.extend(z[start:start + num_slices] for start in range(0, len(z) - num_slices + 1, step))
+    return torch.stack(windows)
+
+
+@torch.no_grad()
+def masked_views(model: JointSSL, z: Tensor, repeats: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(mask, target, interpolation, model prediction) for ``repeats`` mask draws (seeds 0..repeats-1)."""
+    hp = model.hparams
+    views = []
+    for seed in range(repeats):
+        mask = random_slice_mask(None, z.shape[1], z.shape[0], ratio=hp.mask_ratio, span=hp.mask_span,
+                                 generator=torch.Generator().manual_seed(seed))
+        target = standardise_slices(z, visible_slices(mask, None))
+        interpolation = interpolate_masked_slices(target, mask)
+        predicted = interpolation + model.mask_decoder(model.aggregator(z, None, mask))
+        views.append((mask, target, interpolation, predicted))
+    return views
+
+
+def context_features(target: Tensor, mask: Tensor, interpolation: Tensor) -> tuple[Tensor, Tensor]:
+    """Per masked slice and dimension: features [M * D, 9] and the interpolation's residual [M * D]."""
+    features, residuals = [], []
+    for b in range(target.shape[0]):
+        visible = (~mask[b]).nonzero().flatten().tolist()
+        for i in mask[b].nonzero().flatten().tolist():
+            before = [j for j in visible if j < i][-2:]
+            after = [j for j in visible if j > i][:2]
+            before = [before[0]] * (2 - len(before)) + before if before else [after[0]] * 2
+            after = after + [after[-1]] * (2 - len(after)) if after else [before[-1]] * 2
+            weight = (i - before[-1]) / max(1, after[0] - before[-1])
+            context = [target[b, j] for j in before + after]
+            columns = [interpolation[b, i], *context, *(weight * c for c in context)]
+            features.append(torch.stack(columns, dim=1))
+            residuals.append(target[b, i] - interpolation[b, i])
+    return torch.cat(features), torch.cat(residuals)
+
+
+def r2_against_interpolation(predictions: list[Tensor], views: list) -> float:
+    error = sum(((p - t) ** 2)[m].sum() for p, (m, t, _, _) in zip(predictions, views))
+    baseline = sum(((i - t) ** 2)[m].sum() for m, t, i, _ in views)
+    return float(1 - error / baseline)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--train-volumes", required=True, help="CSV manifest: volumes the fits are made on")
+    parser.add_argument("--test-volumes", required=True, help="CSV manifest: held-out volumes they are scored on")
+    parser.add_argument("--num-slices", type=int, default=16, help="window length (the run's data.num_slices)")
+    parser.add_argument("--volume-size", type=int, default=64)
+    parser.add_argument("--window-step", type=int, default=4, help="slices between window starts")
+    parser.add_argument("--repeats", type=int, default=4, help="mask draws per window")
+    parser.add_argument("--json", help="write the figures here too")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = JointSSL.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    num_slices = args.num_slices
+    train = masked_views(model, slice_windows(model, read_paths(args.train_volumes), num_slices, args.volume_size,
+                                              args.window_step), args.repeats)
+    test = masked_views(model, slice_windows(model, read_paths(args.test_volumes), num_slices, args.volume_size,
+                                             args.window_step), args.repeats)
+
+    # Shrinkage towards the visible mean (0 in standardised units), fitted on the training windows.
+    numerator = sum((i * t)[m].sum() for m, t, i, _ in train)
+    denominator = sum((i * i)[m].sum() for m, t, i, _ in train)
+    shrink = float(numerator / denominator)
+    x_train, y_train = map(torch.cat, zip(*(context_features(t, m, i) for m, t, i, _ in train)))
+    weights = torch.linalg.lstsq(x_train.double(), y_train.double().unsqueeze(1)).solution.float()
+
+    learned = []
+    for m, t, i, _ in test:
+        x, _ = context_features(t, m, i)
+        prediction = i.clone()
+        prediction[m] = i[m] + (x @ weights).view(-1, t.shape[-1])
+        learned.append(prediction)
+    report = {
+        "checkpoint": args.checkpoint,
+        "num_slices": num_slices,
+        "mask_ratio": float(model.hparams.mask_ratio),
+        "mask_span": int(model.hparams.mask_span),
+        "train_windows": int(train[0][0].shape[0]),
+        "test_windows": int(test[0][0].shape[0]),
+        "r2_vs_interpolation": {
+            "visible mean": r2_against_interpolation([torch.zeros_like(t) for _, t, _, _ in test], test),
+            "model": r2_against_interpolation([p for *_, p in test], test),
+            f"shrunk interpolation (a={shrink:.3f})": r2_against_interpolation([shrink * i for _, _, i, _ in test],
+                                                                                test),
+            "learned interpolation": r2_against_interpolation(learned, test),
+        },
+    }
+    print(f"{args.checkpoint}: {report['test_windows']} held-out windows of {num_slices} slices "
+          f"(fits on {report['train_windows']}); R^2 against linear interpolation")
+    for name, value in report["r2_vs_interpolation"].items():
+        print(f"  {name:40s} {value:+.3f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
