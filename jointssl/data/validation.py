@@ -1,0 +1,411 @@
+"""Validation of input files before training: one check result type, one bad-file policy, one runner, and a cache
+of check results so that a restart decodes only new or changed files.
+
+Every data module of jointssl (pretraining and downstream) and ``jointssl check-data`` validate the same way:
+
+* a *check* of one file returns a :class:`FileCheck`: its :class:`~jointssl.data.errors.BadFileError` (None when
+  the file is usable), the shape it loads to and the notes on repairs made while loading it;
+* :func:`check_files` runs a check over many files in a thread pool (the decoders release the GIL), with a
+  progress bar on a terminal, and returns the results in item order;
+* :func:`apply_bad_file_policy` applies ``on_bad_file``: ``"error"`` raises one
+  :class:`~jointssl.data.errors.DataValidationError` listing every bad file, ``"skip"`` logs each bad file on the
+  ``jointssl.data`` logger (under DDP on rank 0 only, so that each is reported once) and leaves it out.
+
+:class:`ValidationCache` keeps each file's check result keyed by its absolute path, size, modification and
+status-change time (``st_ctime_ns`` changes with a ``chmod``, which decides whether a file can be read at all),
+in a JSON file whose name hashes the settings that decide the result. A changed or new file is checked again, a
+deleted one drops out of the cache when it is next written; a cache file that cannot be read is ignored with a
+warning.
+
+Progress bars (tqdm) go to stderr and are shown only when stderr is a terminal: Slurm logs and pipes stay clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from tqdm import tqdm
+
+from jointssl import distributed
+from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, decode_image_2d
+# The header check is the volume reader's own, so that a check without decoding gives the reader's reasons.
+from jointssl.data.volume_io import ModalityChoice, _check_nifti_header, load_volume, volume_kind
+
+if TYPE_CHECKING:
+    from jointssl.data.discovery import ImageRecord
+    from jointssl.data.volume_io import VolumeRecord
+
+logger = logging.getLogger("jointssl.data")
+
+OnBadFile = Literal["error", "skip"]
+T = TypeVar("T")
+#: Bump when a check's result for the same file and settings can change (a decoder or a rule changed), so that
+#: results cached by an older jointssl are not reused.
+VALIDATION_CACHE_VERSION = 1
+_CACHE_FORMAT = "jointssl-validation-cache"
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """The outcome of checking one file: its error (None when usable), the shape it loads to (``(H, W)`` for an
+    image, ``(slices, rows, columns)`` for a volume) and the notes on repairs made while loading it.
+
+    ``loaded`` is what a loader keeps of a usable file (a downstream data module's decoded volume); it is never
+    cached or sent between ranks."""
+
+    path: str
+    error: BadFileError | None = None
+    shape: tuple[int, ...] | None = None
+    notes: tuple[str, ...] = ()
+    loaded: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the file is usable."""
+        return self.error is None
+
+    @classmethod
+    def failed(cls, error: BadFileError, path: str | os.PathLike | None = None) -> FileCheck:
+        """The check of a bad file (``path`` when the check's path differs from the one the error names)."""
+        return cls(str(error.path if path is None else path), error)
+
+    def to_plain(self) -> list[Any]:
+        """JSON- and pickle-safe form (a BadFileError does not unpickle: its constructor has two arguments)."""
+        error = None if self.error is None else [self.error.path, self.error.reason]
+        return [self.path, error, None if self.shape is None else list(self.shape), list(self.notes)]
+
+    @classmethod
+    def from_plain(cls, plain: Sequence[Any]) -> FileCheck:
+        """The inverse of :meth:`to_plain`; raises ValueError / TypeError for anything else."""
+        path, error, shape, notes = plain
+        if not isinstance(path, str) or not isinstance(notes, list):
+            raise TypeError(f"not a plain FileCheck: {plain!r}")
+        return cls(
+            path,
+            None if error is None else BadFileError(str(error[0]), str(error[1])),
+            None if shape is None else tuple(int(side) for side in shape),
+            tuple(str(note) for note in notes),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The policy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_bad_file_policy(checks: Sequence[FileCheck], on_bad_file: OnBadFile, what: str = "file") -> list[int]:
+    """Apply ``on_bad_file`` to checked files and return the positions of the usable ones.
+
+    ``"error"``: raise one :class:`DataValidationError` listing every bad file and its reason, if there is any.
+    ``"skip"``: log one warning per bad file (``skipping bad <what> <path>: <reason>``) on the ``jointssl.data``
+    logger, on rank 0 only under DDP (every rank holds every finding), and leave them out.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    bad = [check.error for check in checks if check.error is not None]
+    if bad and on_bad_file == "error":
+        raise DataValidationError(bad)
+    if bad and distributed.rank() == 0:
+        for error in bad:
+            logger.warning("skipping bad %s %s: %s", what, error.path, error.reason)
+    return [position for position, check in enumerate(checks) if check.error is None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------------
+
+
+def show_progress(enabled: bool = True) -> bool:
+    """Whether progress bars are drawn: when enabled and stderr is a terminal (not a Slurm log or a pipe)."""
+    return enabled and sys.stderr.isatty()
+
+
+def check_files(
+    items: Sequence[T],
+    check_one: Callable[[T], FileCheck],
+    num_threads: int = 1,
+    progress: str | None = None,
+    on_result: Callable[[FileCheck], None] | None = None,
+    cache: ValidationCache | None = None,
+    path_of: Callable[[T], str] | None = None,
+) -> list[FileCheck]:
+    """Check every item with ``check_one`` in ``num_threads`` threads and return the results in item order.
+
+    Args:
+        items: what to check (paths, records, positions, ...).
+        check_one: the check of one item; a :class:`BadFileError` it raises becomes the item's result.
+        num_threads: threads checking at once.
+        progress: the label of a progress bar on stderr (shown only on a terminal, see :func:`show_progress`);
+            None draws none.
+        on_result: called with each result as soon as it and every earlier one are known (in item order), e.g.
+            to print findings while the check runs.
+        cache: results of earlier runs: an item whose file is unchanged is not checked again, and every result is
+            recorded in it (:meth:`ValidationCache.save` writes them).
+        path_of: the file of an item, for the cache and for a raised BadFileError (default: the item itself when
+            it is a path, else its ``path`` attribute).
+    """
+    path_of = path_of or _item_path
+
+    def run_one(item: T) -> FileCheck:
+        try:
+            return check_one(item)
+        except BadFileError as error:
+            return FileCheck.failed(error, path_of(item))
+
+    # The cache is consulted in this thread, before any decoding: a file's stamp is taken before it is read, so
+    # that a file changed while it is checked is checked again next time.
+    known: list[tuple[FileCheck | None, Any]] = (
+        [cache.lookup(path_of(item)) for item in items] if cache is not None else [(None, None)] * len(items)
+    )
+    unknown = [item for item, (hit, _) in zip(items, known) if hit is None]
+    results: list[FileCheck] = []
+    bar = tqdm(total=len(items), desc=progress, unit="file", disable=progress is None or not show_progress(),
+               leave=False, dynamic_ncols=True, file=sys.stderr)
+    with bar, _map_in_threads(run_one, unknown, num_threads) as checked:
+        for item, (hit, stamp) in zip(items, known):
+            result = hit
+            if result is None:
+                result = next(checked)
+                if cache is not None:
+                    cache.record(path_of(item), stamp, result)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            bar.update()
+    return results
+
+
+class _map_in_threads:
+    """``map(function, items)`` computed by a thread pool (or in this thread for one thread or item), as a context
+    manager that shuts the pool down."""
+
+    def __init__(self, function: Callable, items: Sequence, num_threads: int):
+        self.function, self.items, self.num_threads = function, items, num_threads
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> Iterator:
+        if self.num_threads <= 1 or len(self.items) <= 1:
+            return map(self.function, self.items)
+        self.pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="jointssl-validate")
+        return self.pool.map(self.function, self.items)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _item_path(item: Any) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else str(item.path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------------------
+
+
+def file_stamp(path: str | os.PathLike) -> list[Any] | None:
+    """What identifies a file's current content and readability: size, modification and status-change times in
+    ns, and for a folder (a DICOM series) those of every file directly in it. None when it cannot be looked at
+    (missing, broken link): such a result is not cached, and checking it again is cheap."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    stamp: list[Any] = [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+    if stat.S_ISDIR(status.st_mode):
+        try:
+            with os.scandir(path) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    try:
+                        inner = entry.stat()
+                    except OSError:
+                        return None
+                    stamp += [entry.name, inner.st_size, inner.st_mtime_ns, inner.st_ctime_ns]
+        except OSError:
+            pass  # an unlistable folder: its own stamp changes when its permissions do
+    return stamp
+
+
+class ValidationCache:
+    """Check results of one kind of file (``kind``: "images" or "volumes") under fixed ``settings``, kept in
+    ``<folder>/<kind>-<hash of the settings>.json`` (module docstring).
+
+    :func:`check_files` asks :meth:`lookup` before checking a file and :meth:`record` s every new result;
+    :meth:`save` then writes the results of exactly the files looked up in this run, atomically, and only when
+    something changed. Under DDP each rank looks up its own shard: :meth:`merge` the other ranks'
+    :meth:`entries` into one rank's cache and let that one save, so that one process writes the file.
+    """
+
+    def __init__(self, folder: str | os.PathLike, kind: str, settings: Mapping[str, Any]):
+        self.settings = {"kind": kind, "version": VALIDATION_CACHE_VERSION, **settings}
+        text = json.dumps(self.settings, sort_keys=True, default=list)
+        self.path = Path(folder) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+        self._stored = self._read()
+        self._entries: dict[str, list[Any]] = {}
+        self._changed = False
+
+    def lookup(self, path: str) -> tuple[FileCheck | None, list[Any] | None]:
+        """The cached result for ``path`` if the file is unchanged since (else None), and its current stamp."""
+        key = os.path.abspath(path)
+        stamp = file_stamp(path)
+        entry = self._stored.get(key)
+        if stamp is None or entry is None or entry[0] != stamp:
+            return None, stamp
+        try:
+            check = FileCheck.from_plain([str(path), *entry[1:]])
+        except (TypeError, ValueError, IndexError):
+            return None, stamp  # a damaged entry: check the file again
+        self._entries[key] = entry
+        return check, stamp
+
+    def record(self, path: str, stamp: list[Any] | None, check: FileCheck) -> None:
+        """Keep a new result (taken when the file had ``stamp``); files without a stamp are not cached."""
+        if stamp is not None:
+            self._entries[os.path.abspath(path)] = [stamp, *check.to_plain()[1:]]
+            self._changed = True
+
+    def entries(self) -> tuple[dict[str, list[Any]], bool]:
+        """The entries of the files looked up in this run, and whether any of them is new (for :meth:`merge`)."""
+        return self._entries, self._changed
+
+    def merge(self, entries: Mapping[str, list[Any]], changed: bool) -> None:
+        """Add another rank's :meth:`entries`."""
+        self._entries.update(entries)
+        self._changed = self._changed or changed
+
+    def save(self) -> None:
+        """Write the entries of this run when they differ from the file's (new or changed results, deleted files).
+        A failure to write is a warning: the cache only saves time."""
+        if not self._changed and self._entries.keys() == self._stored.keys():
+            return
+        # Imported here: jointssl.downstream imports the data package, and only a write needs the atomic writer.
+        from jointssl.downstream.export import write_atomic
+
+        document = {"format": _CACHE_FORMAT, "settings": self.settings, "entries": self._entries}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, lambda temporary: temporary.write_text(json.dumps(document)))
+        except OSError as error:
+            logger.warning("could not write the validation cache %s: %s", self.path, error)
+            return
+        self._stored, self._changed = dict(self._entries), False
+
+    def _read(self) -> dict[str, list[Any]]:
+        """The stored entries; an unreadable, truncated or foreign file is ignored with a warning."""
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                document = json.load(file)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8
+            logger.warning("ignoring the unreadable validation cache %s (%s): every file is checked", self.path, error)
+            return {}
+        entries = document.get("entries") if isinstance(document, dict) else None
+        if (
+            not isinstance(entries, dict)
+            or document.get("format") != _CACHE_FORMAT
+            or document.get("settings") != json.loads(json.dumps(self.settings, default=list))
+        ):
+            logger.warning("ignoring %s: not a validation cache of these settings: every file is checked", self.path)
+            return {}
+        return {key: entry for key, entry in entries.items() if isinstance(entry, list) and len(entry) == 4}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The checks of 2D images and 3D volumes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> FileCheck:
+    """Decode one 2D image as training will (:func:`~jointssl.data.image_io.decode_image_2d`) and check its size."""
+    decoded = decode_image_2d(path)
+    check_image_size(path, decoded.array, min_side)
+    return FileCheck(str(path), None, tuple(decoded.array.shape), decoded.notes)
+
+
+def check_images(
+    records: Sequence[ImageRecord | str],
+    num_threads: int = 8,
+    min_side: int = MIN_IMAGE_SIDE,
+    progress: str | None = None,
+    on_result: Callable[[FileCheck], None] | None = None,
+    cache: ValidationCache | None = None,
+) -> list[FileCheck]:
+    """Decode every image (records or paths) once and return, in order, each one's :class:`FileCheck`. This is
+    the validation of :class:`~jointssl.data.JointDataModule`, of the downstream image data and of ``jointssl
+    check-data``."""
+    return check_files(
+        records, lambda record: check_image(_item_path(record), min_side), num_threads, progress, on_result, cache
+    )
+
+
+def validate_images(
+    records: Sequence[ImageRecord],
+    on_bad_file: OnBadFile = "error",
+    num_threads: int = 8,
+    min_side: int = MIN_IMAGE_SIDE,
+    progress: str | None = None,
+) -> list[ImageRecord]:
+    """Decode every image once and return the usable records (:func:`apply_bad_file_policy`)."""
+    checks = check_images(records, num_threads=num_threads, min_side=min_side, progress=progress)
+    return [records[position] for position in apply_bad_file_policy(checks, on_bad_file, what="image file")]
+
+
+def check_volume(item: str | os.PathLike | VolumeRecord, modality: ModalityChoice = "auto", **load_kwargs) -> FileCheck:
+    """Load one volume as training will (:func:`~jointssl.data.volume_io.load_volume`; a record's own modality
+    overrides ``modality``)."""
+    path = _item_path(item)
+    volume = load_volume(path, modality=getattr(item, "modality", None) or modality, **load_kwargs)
+    return FileCheck(path, None, tuple(volume.array.shape), volume.notes)
+
+
+def check_volume_header(path: str | os.PathLike) -> FileCheck:
+    """What a volume's file and NIfTI header show without decoding the data, with the reader's checks and reasons
+    (missing, special or empty file, unsupported format, broken header, 2D or 4D): for data modules that decode
+    each volume only when training reads it (nodule detection)."""
+    path = str(path)
+    notes = _check_nifti_header(path) if volume_kind(path) == "nifti" else []
+    return FileCheck(path, None, None, tuple(notes))
+
+
+def check_volumes(
+    items: Sequence[str | VolumeRecord],
+    num_threads: int = 1,
+    modality: ModalityChoice = "auto",
+    progress: str | None = None,
+    on_result: Callable[[FileCheck], None] | None = None,
+    **load_kwargs,
+) -> list[FileCheck]:
+    """Load every volume once and return, in order, each one's :class:`FileCheck` (each thread holds one decoded
+    volume at a time)."""
+    return check_files(
+        items, lambda item: check_volume(item, modality, **load_kwargs), num_threads, progress, on_result
+    )
+
+
+def validate_volumes(
+    items: Sequence[T],
+    on_bad_file: OnBadFile = "error",
+    modality: ModalityChoice = "auto",
+    num_threads: int = 1,
+    progress: str | None = None,
+    **load_kwargs,
+) -> list[T]:
+    """Load every volume (paths or records) once and return the usable ones, in order
+    (:func:`apply_bad_file_policy`). ``modality`` and ``load_kwargs`` are those of
+    :func:`~jointssl.data.volume_io.load_volume`, so that validation checks what training will load: decoding is
+    the only way to find truncated data, NaNs or constant volumes."""
+    checks = check_volumes(items, num_threads=num_threads, modality=modality, progress=progress, **load_kwargs)
+    return [items[position] for position in apply_bad_file_policy(checks, on_bad_file, what="volume")]
