@@ -5,7 +5,8 @@ the target's folder, flushes and fsyncs it, renames it over the target with :fun
 file systems) and fsyncs the folder. A process killed at any moment therefore leaves either the previous
 checkpoint or the new one — never a truncated file. The temporary files of killed saves (``.<name>.<pid>.partial``)
 are not ``*.ckpt`` files, so Lightning's ``ckpt_path="last"`` never picks one; the next save of the same
-checkpoint deletes them.
+checkpoint deletes them. :func:`write_atomic` is the same rename for the project's other files (exports, reports,
+embeddings, the validation cache), written by any function.
 
 Its ``load_checkpoint`` reads with ``torch.load(weights_only=True)`` only: tensors and plain Python values, never
 arbitrary objects (a downloaded checkpoint cannot execute code). ``weights_only=False`` is refused.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,30 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)  # the rename itself is on disk
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX).
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask), set explicitly:
+    mkstemp creates it 0600, and so does safetensors' ``save_file`` (whatever the umask), which would hide exports
+    and reports from colleagues on a shared cluster."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _fsync_directory(folder: Path) -> None:

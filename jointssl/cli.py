@@ -273,7 +273,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
     jointssl.evaluation.protocol)."""
     import json
 
-    from jointssl.downstream.export import write_atomic
+    from jointssl.checkpointing import write_atomic
     from jointssl.evaluation import probes
     from jointssl.evaluation.protocol import evaluate, format_report
 

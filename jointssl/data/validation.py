@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from tqdm import tqdm
 
 from jointssl import distributed
+from jointssl.checkpointing import write_atomic
 from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, decode_image_2d
 # The header check is the volume reader's own, so that a check without decoding gives the reader's reasons.
@@ -300,9 +301,6 @@ class ValidationCache:
         A failure to write is a warning: the cache only saves time."""
         if not self._changed and self._entries.keys() == self._stored.keys():
             return
-        # Imported here: jointssl.downstream imports the data package, and only a write needs the atomic writer.
-        from jointssl.downstream.export import write_atomic
-
         indices: dict[str, int] = {}
         entries = {key: f"{stamp} {indices.setdefault(text, len(indices))}" for key, (stamp, text) in self._entries.items()}
         document = {

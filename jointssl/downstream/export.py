@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import timm
 from safetensors.torch import save_file
 from torch import Tensor
 
+from jointssl.checkpointing import write_atomic
 from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.pretrained import (
     EXPORT_CONFIG,
@@ -230,27 +229,3 @@ def _check_state(expected: Iterable[str], state: dict[str, Tensor], what: str) -
 def _save_tensors(state: dict[str, Tensor], path: Path) -> None:
     # safetensors refuses views and shared storage: store a contiguous copy of each tensor.
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"})
-
-
-def _current_umask() -> int:
-    # The only portable way to read the umask is to set it and put it back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX).
-
-    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask), set explicitly:
-    mkstemp creates it 0600, and so does safetensors' ``save_file`` (whatever the umask), which would hide exports
-    and reports from colleagues on a shared cluster."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from jointssl.downstream.export import write_atomic
+from jointssl.checkpointing import write_atomic
 from jointssl.downstream.pretrained import EXPORT_WEIGHTS, PretrainedWeights, load_pretrained
 from jointssl.evaluation.inputs import images_with_labels, preprocess_image, preprocess_volume, volumes_with_labels
 from jointssl.models import SliceAggregator, SliceEncoder
