@@ -422,8 +422,8 @@ def image_manifest_missing_paths(directory: Path) -> Outcome:
         manifest,
         "image CSV manifest with missing paths: one error per row, naming the CSV, the row and the path",
         (
-            (manifest, "error", "row 2 (line 3): 'missing.png' does not exist"),
-            (manifest, "error", "row 3 (line 4): 'a_folder' is a folder, not a file"),
+            (manifest, "error", "line 3: 'missing.png' does not exist"),
+            (manifest, "error", "line 4: 'a_folder' is a folder, not a file"),
         ),
     )
 
@@ -655,12 +655,23 @@ def dicom_series_slice_without_pixel_data(directory: Path) -> Outcome:
 
 @generator("3D", "volumes")
 def unknown_extension_3d(directory: Path) -> Outcome:
+    path = directory / "scan.vtk"
+    path.write_text("# vtk DataFile Version 3.0\n")
+    return Outcome(
+        directory,
+        "unsupported 3D format (.vtk) in a volume folder: error",
+        ((path, "error", "unsupported volume format (VTK '.vtk': convert it to NIfTI)"),),
+    )
+
+
+@generator("3D", "volumes")
+def metaimage_broken_header(directory: Path) -> Outcome:
     path = directory / "scan.mha"
     path.write_text("ObjectType = Image\nNDims = 3\n")
     return Outcome(
         directory,
-        "unsupported 3D format (.mha) in a volume folder: error",
-        ((path, "error", "unsupported volume format (MetaImage '.mha': convert it to NIfTI)"),),
+        "MetaImage header without its fields: error",
+        ((path, "error", "broken MetaImage header: no DimSize, ElementType, ElementDataFile"),),
     )
 
 

@@ -1,6 +1,6 @@
 """Pieces every downstream task module shares: building the pretrained encoders, self-contained checkpoints,
 frozen (linear-mode) parts, the AdamW + cosine optimiser, splits by volume, input normalisation, gathering
-per-sample validation results across ranks, and world-coordinate geometry of NIfTI volumes."""
+per-sample validation results across ranks (world geometry: :mod:`jointssl.data.geometry`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ log = logging.getLogger("jointssl.downstream")
 
 #: "finetune" trains everything; "linear" freezes the pretrained parts (eval mode) and trains the rest.
 Mode = Literal["finetune", "linear"]
-#: Frame of world coordinates in millimetres: LPS (DICOM / ITK, LUNA16) or RAS (NIfTI / nibabel); any case.
-WorldFrameName = Literal["lps", "ras", "LPS", "RAS"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,29 +178,3 @@ def gather_rows_once(local_rows: Tensor) -> Tensor:
     _, first = np.unique(rows[:, 0].cpu().numpy(), return_index=True)
     return rows[torch.as_tensor(first, device=rows.device)]
 
-
-# ----------------------------------------------------------------------------------------------------
-# World geometry
-
-
-def world_affine(affine: np.ndarray, world_frame: WorldFrameName) -> np.ndarray:
-    """The voxel -> world affine in the ``world_frame`` frame, from a NIfTI (voxel -> RAS mm) affine; LPS negates
-    x and y."""
-    frame = _checked_frame(world_frame)
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine if frame == "LPS" else affine
-
-
-def world_to_voxel(affine: np.ndarray, points: np.ndarray, world_frame: WorldFrameName) -> np.ndarray:
-    """Fractional voxel indices ``[N, 3]`` (of the array as stored in the file) of world points ``[N, 3]`` in mm,
-    given in the ``world_frame`` frame, from the volume's NIfTI affine (voxel -> RAS mm)."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
-    return (np.linalg.inv(world_affine(affine, world_frame)) @ homogeneous.T).T[:, :3]
-
-
-def _checked_frame(world_frame: str) -> str:
-    frame = str(world_frame).upper()
-    if frame not in ("LPS", "RAS"):
-        raise ValueError(f"world frame must be LPS or RAS, got {world_frame!r}")
-    return frame

@@ -3,12 +3,14 @@
 Inputs
     * an annotations CSV with the LUNA16 columns ``seriesuid, coordX, coordY, coordZ, diameter_mm``: one row per
       nodule, its centre in world millimetres and its diameter. LUNA16 gives world coordinates in ITK's LPS frame
-      (``world_coordinates="LPS"``, the default); use ``"RAS"`` for coordinates in the NIfTI/nibabel frame.
-    * folders of volumes named ``<seriesuid>.nii.gz`` (or ``.nii``; searched recursively). Every volume is a scan;
+      (``world_coordinates="LPS"``, the default; any case); use ``"RAS"`` for coordinates in the NIfTI/nibabel frame.
+    * folders of volumes named ``<seriesuid>`` + a suffix of a format with world geometry (LUNA16's ``.mhd`` + ``.raw``
+      as they are, ``.nii.gz``, ``.nii``, ``.nrrd``, ``.mgz``, ...; searched recursively). Every volume is a scan;
       a scan without annotation rows is a scan without nodules (it still counts in the FROC's FPs per scan).
       Annotation rows of scans that are not in the folders are ignored (the LUNA16 CSV covers all ten subsets).
 
-Pipeline (MONAI's LUNA16 detection tutorial, ``generate_detection_{train,val}_transform``): load, reorient to RAS,
+Pipeline (MONAI's LUNA16 detection tutorial, ``generate_detection_{train,val}_transform``): load (with the volume's
+reader, :mod:`jointssl.data.volume_readers`), reorient to RAS,
 optionally resample to ``target_spacing``, clip the HU window to [0, 1]; nodules become ``cccwhd`` boxes (centre,
 diameter in every axis) converted to corner boxes and into image (voxel index) coordinates through the volume's
 affine (``AffineBoxToImageCoordinated``). Training: random crops of ``patch_size`` centred on nodules or background
@@ -27,13 +29,12 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -51,13 +52,12 @@ from monai.apps.detection.transforms.dictionary import (
     RandZoomBoxd,
     StandardizeEmptyBoxd,
 )
-from monai.data import DataLoader, MetaTensor, NibabelReader
+from monai.data import DataLoader, MetaTensor
 from monai.transforms import (
     Compose,
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
@@ -72,18 +72,19 @@ from monai.transforms import (
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.sources import OnBadFile
-from jointssl.data.volume_io import RAS_LABELS
+from jointssl.data.discovery import volumes_by_name
+from jointssl.data.errors import BadFileError
+from jointssl.data.manifest import ManifestRow, RowError, read_manifest
+from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files, check_volume_header
+from jointssl.data.geometry import RAS_LABELS, parse_world_frame, voxel_to_world, world_to_voxel
+from jointssl.data.volume_io import WORLD_GEOMETRY_SUFFIXES, read_volume_header, volume_reader
 from jointssl.data.volume_transforms import IMAGE_MEAN, IMAGE_STD
-from jointssl.downstream.common import split_by_volume, world_affine, world_to_voxel
+from jointssl.downstream.common import split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
 
-WorldCoordinates = Literal["LPS", "RAS"]
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-VOLUME_SUFFIXES = (".nii.gz", ".nii")
 NODULE_LABEL = 0
 # A nodule centre this far (in voxels) outside the volume is an annotation/coordinate-frame error, not rounding.
 _OUTSIDE_TOLERANCE_VOXELS = 0.5
@@ -111,68 +112,35 @@ class Scan:
 
 
 def read_annotations(path: str | os.PathLike) -> dict[str, list[Nodule]]:
-    """Parse a LUNA16 annotations CSV into ``{seriesuid: [Nodule, ...]}``.
+    """Parse a LUNA16 annotations CSV (:mod:`jointssl.data.manifest`) into ``{seriesuid: [Nodule, ...]}``.
 
     Raises DataValidationError listing every bad row (missing columns, non-numeric or non-finite values,
     non-positive diameters), each naming the CSV file and its line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataValidationError([BadFileError(path, "annotations CSV does not exist")])
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ANNOTATION_COLUMNS if c not in columns]
-        if missing:
-            raise DataValidationError([BadFileError(path, f"missing column(s) {missing}; columns: {columns}")])
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    nodules: dict[str, list[Nodule]] = {}
-    errors: list[BadFileError] = []
-    for line, row in enumerate(rows, start=2):
-        uid = row["seriesuid"]
-        try:
-            values = [float(row[c]) for c in ANNOTATION_COLUMNS[1:]]
-        except ValueError:
-            errors.append(BadFileError(path, f"line {line}: non-numeric coordinate or diameter in {row}"))
-            continue
+    table = read_manifest(path, required=[c.lower() for c in ANNOTATION_COLUMNS], what="annotations CSV")
+
+    def parse(row: ManifestRow) -> tuple[str, Nodule]:
+        uid = row.text("seriesuid")
         if not uid:
-            errors.append(BadFileError(path, f"line {line}: empty seriesuid"))
-        elif not all(math.isfinite(v) for v in values):
-            errors.append(BadFileError(path, f"line {line}: non-finite value in {row}"))
-        elif values[3] <= 0:
-            errors.append(BadFileError(path, f"line {line}: diameter_mm must be positive, got {values[3]}"))
-        else:
-            nodules.setdefault(uid, []).append(Nodule((values[0], values[1], values[2]), values[3]))
-    if errors:
-        raise DataValidationError(errors)
+            raise RowError("empty seriesuid")
+        x, y, z, diameter = (row.number(c.lower()) for c in ANNOTATION_COLUMNS[1:])
+        if diameter <= 0:
+            raise RowError(f"diameter_mm must be positive, got {diameter}")
+        return uid, Nodule((x, y, z), diameter)
+
+    nodules: dict[str, list[Nodule]] = {}
+    for uid, nodule in table.parse_all(parse):
+        nodules.setdefault(uid, []).append(nodule)
     return nodules
 
 
 def find_scans(folders: Sequence[str | os.PathLike]) -> dict[str, str]:
-    """``{seriesuid: path}`` of every ``<seriesuid>.nii[.gz]`` under the folders (recursively), sorted by uid.
+    """``{seriesuid: path}`` of every ``<seriesuid>`` volume file in a format with world geometry
+    (``WORLD_GEOMETRY_SUFFIXES``) under the folders (recursively), sorted by uid.
 
     Raises DataValidationError for a missing folder or a seriesuid found twice.
     """
-    found: dict[str, str] = {}
-    errors: list[BadFileError] = []
-    for folder in folders:
-        if not Path(folder).is_dir():
-            errors.append(BadFileError(folder, "volume folder does not exist"))
-            continue
-        for root, subfolders, names in os.walk(folder):
-            subfolders.sort()
-            for name in sorted(names):
-                suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), None)
-                if suffix is None:
-                    continue
-                uid, path = name[: -len(suffix)], os.path.join(root, name)
-                if uid in found:
-                    errors.append(BadFileError(path, f"seriesuid {uid!r} also found as {found[uid]}"))
-                else:
-                    found[uid] = path
-    if errors:
-        raise DataValidationError(errors)
-    return dict(sorted(found.items()))
+    return volumes_by_name(folders, suffixes=WORLD_GEOMETRY_SUFFIXES)
 
 
 def boxes_to_world(boxes: np.ndarray, voxel_to_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,23 +172,17 @@ def write_candidates_csv(predictions: Sequence[dict[str, Any]], path: str | os.P
     return path
 
 
-def check_scan(scan: Scan, world_coordinates: WorldCoordinates) -> None:
-    """Header-level check of one scan: a readable 3D NIfTI with a usable affine, every nodule centre inside it.
+def check_scan(scan: Scan, world_coordinates: str) -> None:
+    """Header-level check of one scan by its reader: a readable 3D volume with world geometry, every nodule centre
+    inside it.
 
     Raises BadFileError naming the volume.
     """
-    try:
-        image = nib.load(scan.path)
-        shape = tuple(int(s) for s in image.shape)
-        affine = np.asarray(image.affine, dtype=np.float64)
-    except Exception as error:  # nibabel, gzip and OS errors all mean "not a readable NIfTI file"
-        raise BadFileError(scan.path, f"not a readable NIfTI file ({type(error).__name__}: {error})") from error
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3 or min(shape) < 1:
-        raise BadFileError(scan.path, f"image of shape {shape}; a 3D CT volume is expected")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise BadFileError(scan.path, "degenerate or non-finite affine: voxel geometry unknown")
+    header = read_volume_header(scan.path)
+    shape = header.shape
+    if header.affine is None:
+        raise BadFileError(scan.path, "no world geometry in the header: nodule centres in mm cannot be placed")
+    affine = header.affine
     if not scan.nodules:
         return
     voxels = world_to_voxel(affine, np.array([n.center for n in scan.nodules]), world_coordinates)
@@ -239,29 +201,26 @@ def check_scan(scan: Scan, world_coordinates: WorldCoordinates) -> None:
 def collect_scans(
     folders: Sequence[str | os.PathLike],
     annotations: dict[str, list[Nodule]],
-    world_coordinates: WorldCoordinates,
+    world_coordinates: str,
     on_bad_file: OnBadFile = "error",
 ) -> list[Scan]:
-    """The scans of the folders with their nodules, checked with :func:`check_scan`.
+    """The scans of the folders with their nodules, checked with the volume reader's header check
+    (:func:`~jointssl.data.validation.check_volume_header`) and :func:`check_scan`, without decoding them.
 
-    ``on_bad_file="error"`` raises one DataValidationError listing every bad volume; ``"skip"`` logs and drops them.
+    ``on_bad_file="error"`` raises one DataValidationError listing every bad volume; ``"skip"`` logs and drops them
+    (:func:`~jointssl.data.validation.apply_bad_file_policy`).
     """
     if on_bad_file not in ("error", "skip"):
         raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-    scans, errors = [], []
-    for uid, path in find_scans(folders).items():
-        scan = Scan(uid, path, tuple(annotations.get(uid, ())))
-        try:
-            check_scan(scan, world_coordinates)
-        except BadFileError as error:
-            errors.append(error)
-            continue
-        scans.append(scan)
-    if errors and on_bad_file == "error":
-        raise DataValidationError(errors)
-    for error in errors:
-        log.warning("skipping bad volume %s: %s", error.path, error.reason)
-    return scans
+    scans = [Scan(uid, path, tuple(annotations.get(uid, ()))) for uid, path in find_scans(folders).items()]
+
+    def check(scan: Scan) -> FileCheck:
+        header = check_volume_header(scan.path)
+        check_scan(scan, world_coordinates)
+        return header
+
+    checks = check_files(scans, check, progress="checking volumes")
+    return [scans[position] for position in apply_bad_file_policy(checks, on_bad_file, what="volume")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,11 +240,11 @@ def scan_item(scan: Scan, index: int) -> dict[str, Any]:
 
 
 def _load_transforms(
-    world_coordinates: WorldCoordinates, target_spacing: Sequence[float] | None, hu_window: Sequence[float]
+    world_coordinates: str, target_spacing: Sequence[float] | None, hu_window: Sequence[float]
 ) -> list:
     """Load, orient, resample, window; boxes from world ``cccwhd`` to image corner coordinates."""
     transforms = [
-        LoadImaged(keys="image", reader=NibabelReader(squeeze_non_spatial_dims=True), image_only=True),
+        LoadVolumed(),
         EnsureChannelFirstd(keys="image"),
         EnsureTyped(keys=["image", "box"], dtype=torch.float32),
         EnsureTyped(keys="label", dtype=torch.long),
@@ -302,22 +261,32 @@ def _load_transforms(
         # The affine read here is the one after reorientation/resampling, so the boxes land on the final grid.
         # MONAI's flag name means "the boxes are in LPS world coordinates while the image affine is RAS".
         AffineBoxToImageCoordinated(
-            box_keys="box", box_ref_image_keys="image", affine_lps_to_ras=world_coordinates == "LPS"
+            box_keys="box", box_ref_image_keys="image", affine_lps_to_ras=parse_world_frame(world_coordinates) == "lps"
         ),
     ]
     return transforms
+
+
+class LoadVolumed:
+    """Decode ``data["image"]`` (a path) with the reader of its format, as MONAI's LoadImaged does with one fixed
+    reader: scans of one folder may mix formats (e.g. LUNA16 .mhd and converted .nii.gz)."""
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        data["image"] = volume_reader(data["image"]).decode(data["image"])
+        return data
 
 
 class RecordWorldAffined:
     """Store the image's final voxel -> world affine (in the annotations' frame) under ``"world_affine"``, so that
     detections can be reported in world coordinates (LUNA16 submissions)."""
 
-    def __init__(self, world_coordinates: WorldCoordinates) -> None:
+    def __init__(self, world_coordinates: str) -> None:
         self.world_coordinates = world_coordinates
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)
-        data["world_affine"] = world_affine(np.asarray(data["image"].affine), self.world_coordinates)
+        data["world_affine"] = voxel_to_world(np.asarray(data["image"].affine), self.world_coordinates)
         return data
 
 
@@ -332,7 +301,7 @@ def _finalise_transforms() -> list:
 def train_transform(
     patch_size: Sequence[int],
     crops_per_volume: int,
-    world_coordinates: WorldCoordinates = "LPS",
+    world_coordinates: str = "LPS",
     target_spacing: Sequence[float] | None = None,
     hu_window: Sequence[float] = (-1000.0, 1000.0),
     augment: bool = True,
@@ -383,7 +352,7 @@ def train_transform(
 
 
 def val_transform(
-    world_coordinates: WorldCoordinates = "LPS",
+    world_coordinates: str = "LPS",
     target_spacing: Sequence[float] | None = None,
     hu_window: Sequence[float] = (-1000.0, 1000.0),
 ) -> Compose:
@@ -458,7 +427,8 @@ class NoduleDetectionDataModule(LightningDataModule):
         val_volumes: validation volume folders; None splits ``val_fraction`` of ``volumes`` off (by ``split_seed``).
         predict_volumes: volume folders for ``predict`` (e.g. a test subset; annotations are not needed); None
             predicts the validation scans.
-        world_coordinates: frame of the CSV's coordinates: "LPS" (LUNA16/ITK) or "RAS" (NIfTI/nibabel).
+        world_coordinates: frame of the CSV's coordinates (:data:`jointssl.data.geometry.WorldFrame`, any case):
+            "LPS" (LUNA16/ITK, the default) or "RAS" (NIfTI/nibabel); messages repeat the spelling given.
         target_spacing: resample to these voxel sizes in mm (RAS x, y, z); None keeps the native grid. The
             tutorial resamples LUNA16 to (0.703125, 0.703125, 1.25).
         hu_window: Hounsfield range clipped and scaled to [0, 1] (jointssl pretraining uses (-1000, 1000)).
@@ -478,7 +448,7 @@ class NoduleDetectionDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         predict_volumes: Sequence[str] | None = None,
-        world_coordinates: WorldCoordinates = "LPS",
+        world_coordinates: str = "LPS",
         target_spacing: tuple[float, float, float] | None = (0.703125, 0.703125, 1.25),
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         patch_size: tuple[int, int, int] = (192, 192, 80),
@@ -490,8 +460,7 @@ class NoduleDetectionDataModule(LightningDataModule):
         on_bad_file: OnBadFile = "error",
     ) -> None:
         super().__init__()
-        if world_coordinates not in ("LPS", "RAS"):
-            raise ValueError(f"world_coordinates must be 'LPS' or 'RAS', got {world_coordinates!r}")
+        parse_world_frame(world_coordinates)  # ValueError for anything but lps / ras
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive voxel counts, got {patch_size}")
         if target_spacing is not None and (len(target_spacing) != 3 or min(target_spacing) <= 0):
@@ -527,7 +496,7 @@ class NoduleDetectionDataModule(LightningDataModule):
             self.predict_scans = collect_scans(self.predict_volumes, annotations, self.world_coordinates,
                                                self.on_bad_file)
             if not self.predict_scans:
-                raise ValueError(f"no volumes (<seriesuid>.nii[.gz]) found in {self.predict_volumes}")
+                raise ValueError(f"no volumes (<seriesuid>.mhd, .nii.gz, ...) found in {self.predict_volumes}")
             return
         if self.train_scans or self.val_scans:
             return
@@ -542,7 +511,7 @@ class NoduleDetectionDataModule(LightningDataModule):
             raise ValueError(f"{len(overlap)} seriesuid(s) are in both the training and validation volumes, "
                              f"e.g. {min(overlap)}")
         if not train:
-            raise ValueError(f"no training volumes (<seriesuid>.nii[.gz]) found in {self.volumes}")
+            raise ValueError(f"no training volumes (<seriesuid>.mhd, .nii.gz, ...) found in {self.volumes}")
         if not val:
             raise ValueError(f"no validation volumes found in {self.val_volumes or self.volumes}")
         self.train_scans, self.val_scans = train, val
@@ -614,7 +583,7 @@ def write_synthetic_nodule_ct(
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0),
     nodules_per_scan: tuple[int, int] = (1, 2),
     diameter_mm: tuple[float, float] = (8.0, 14.0),
-    world_coordinates: WorldCoordinates = "LPS",
+    world_coordinates: str = "LPS",
     num_empty_scans: int = 0,
     seed: int = 0,
 ) -> SyntheticNoduleCT:
@@ -655,7 +624,7 @@ def write_synthetic_nodule_ct(
         affines[uid] = affine
         for center, diameter in placed:
             world = (affine @ np.append(center, 1.0))[:3]
-            if world_coordinates == "LPS":
+            if parse_world_frame(world_coordinates) == "lps":
                 world = world * np.array([-1.0, -1.0, 1.0])
             rows.append([uid, *(f"{v:.4f}" for v in world), f"{diameter:.4f}"])
     annotations = root / "annotations.csv"

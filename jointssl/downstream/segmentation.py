@@ -19,7 +19,6 @@ label lacks the class is left out of that class's mean by default), ``val/dice``
 from __future__ import annotations
 
 import contextlib
-import csv
 import fnmatch
 import logging
 import os
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,20 +38,22 @@ from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from jointssl.data.discovery import parse_modality
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.sources import OnBadFile
+from jointssl.data.manifest import ManifestRow, read_manifest
+from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files
 
-# RAS_AXES_FOR_LAYOUT defines the slice layout of load_volume; a constant label map must be given the same shape.
+# layout_shape is the slice layout of load_volume; a constant label map must be given the same shape.
+from jointssl.data.geometry import layout_shape
 from jointssl.data.volume_io import (
-    NIFTI_SUFFIXES,
-    NUMPY_SUFFIX,
-    RAS_AXES_FOR_LAYOUT,
+    VOLUME_FILE_SUFFIXES,
     ModalityChoice,
     SliceAxis,
     load_volume,
-    parse_modality,
     read_volume,
+    read_volume_header,
     resize_slices,
+    volume_reader,
 )
 from jointssl.downstream.common import (
     FrozenPartsMixin,
@@ -411,40 +411,31 @@ class SegmentationVolume:
 
 
 def read_pairs_manifest(manifest: str | os.PathLike, include: str | None = None) -> list[SegmentationPair]:
-    """Pairs from a CSV with ``image`` and ``label`` columns (optional ``modality``: CT/MR/empty).
+    """Pairs from a CSV manifest (:mod:`jointssl.data.manifest`) with ``image`` and ``label`` columns (optional
+    ``modality``: CT/MR/empty).
 
     Relative paths are taken relative to the manifest's folder. Rows with an empty label are not pairs and are
-    skipped (a study's manifest often lists its unlabelled volumes too). ``include`` keeps only
-    images whose file name matches the glob (e.g. ``"PGBM-*_FLAIR*"``).
+    skipped (a study's manifest often lists its unlabelled volumes too). ``include`` keeps only images whose file
+    name matches the glob (e.g. ``"PGBM-*_FLAIR*"``). Every bad row is reported in one DataValidationError.
     """
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise BadFileError(manifest, "segmentation manifest does not exist")
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c}
-        if "image" not in columns or "label" not in columns:
-            raise BadFileError(manifest, f"needs 'image' and 'label' columns; has {reader.fieldnames}")
-        pairs = []
-        for line, row in enumerate(reader, start=2):
-            image = (row.get(columns["image"]) or "").strip()
-            label = (row.get(columns["label"]) or "").strip()
-            if not image:
-                raise BadFileError(manifest, f"line {line}: empty image path")
-            if not label:
-                log.info("%s line %d: %s has no label; not used for segmentation", manifest, line, image)
-                continue
-            if include is not None and not fnmatch.fnmatch(Path(image).name, include):
-                continue
-            modality = parse_modality((row.get(columns.get("modality", ""), "") or "").strip(), manifest, line)
-            pairs.append(SegmentationPair(str(_resolve(manifest, image)), str(_resolve(manifest, label)), modality))
-    return pairs
+    table = read_manifest(manifest, required=["image", "label"], path_key="image", what="segmentation manifest")
+
+    def parse(row: ManifestRow) -> SegmentationPair | None:
+        image = row.path("image")
+        if not row.text("label"):
+            log.info("%s line %d: %s has no label; not used for segmentation", table.path, row.line, image)
+            return None
+        if include is not None and not fnmatch.fnmatch(Path(image).name, include):
+            return None
+        return SegmentationPair(image, row.path("label"), parse_modality(row.text("modality")))
+
+    return table.parse_all(parse)
 
 
 def pair_folders(
     image_dir: str | os.PathLike, label_dir: str | os.PathLike, label_suffix: str = "", include: str | None = None
 ) -> list[SegmentationPair]:
-    """Pair every NIfTI/.npy image in ``image_dir`` with ``label_dir/<image stem><label_suffix><same extension>``.
+    """Pair every volume file (NIfTI, MGH, NRRD, MetaImage, .npy) in ``image_dir`` with ``label_dir/<image stem><label_suffix><same extension>``.
 
     Raises one DataValidationError listing every image without its label.
     """
@@ -468,30 +459,30 @@ def pair_folders(
 
 
 def check_same_grid(image_path: str, label_path: str) -> None:
-    """Raise BadFileError (naming both files) unless two NIfTI files share shape and affine.
+    """Raise BadFileError (naming both files) unless two volume files share shape and affine (read from their
+    headers by their readers, so that any two formats with world geometry compare).
 
-    The tolerance on the affine is 1% of the smallest voxel size (float32 headers round). Other formats are
-    checked by their shapes after loading (:func:`load_pair`).
+    The tolerance on the affine is 1% of the smallest voxel size (float32 headers round). Files without an affine
+    in their header (.npy, DICOM series) are checked by their shapes after loading (:func:`load_pair`).
     """
-    if not (image_path.lower().endswith(NIFTI_SUFFIXES) and label_path.lower().endswith(NIFTI_SUFFIXES)):
-        return
     try:
-        image, label = nib.load(image_path), nib.load(label_path)
-    except Exception as error:  # noqa: BLE001 - nibabel/gzip/OS errors: the loaders below report the broken file
+        image, label = read_volume_header(image_path), read_volume_header(label_path)
+    except BadFileError as error:  # the loaders below report the broken file
         log.debug("grid check skipped for %s / %s: %s", image_path, label_path, error)
         return
-    image_shape, label_shape = tuple(image.shape[:3]), tuple(label.shape[:3])
-    if image_shape != label_shape:
+    if image.affine is None or label.affine is None:
+        return
+    if image.shape != label.shape:
         raise BadFileError(
-            label_path, f"label grid {label_shape} differs from its image {image_path} grid {image_shape}"
+            label_path, f"label grid {label.shape} differs from its image {image_path} grid {image.shape}"
         )
-    voxel = float(np.min(nib.affines.voxel_sizes(image.affine)))
+    voxel = float(np.min(np.linalg.norm(image.affine[:3, :3], axis=0)))
     difference = float(np.max(np.abs(image.affine - label.affine)))
     if difference > 0.01 * voxel:
         raise BadFileError(
             label_path,
             f"label affine differs from its image {image_path} by up to {difference:.4g} mm (same shape "
-            f"{image_shape}, but not the same voxel positions):\nimage affine\n{np.round(image.affine, 4)}\n"
+            f"{image.shape}, but not the same voxel positions):\nimage affine\n{np.round(image.affine, 4)}\n"
             f"label affine\n{np.round(label.affine, 4)}",
         )
 
@@ -557,26 +548,16 @@ def _read_label_map(path: str, slice_axis: SliceAxis) -> np.ndarray:
         # volume_io's reason for a constant volume (tests/test_segmentation.py covers this path).
         if not error.reason.startswith("constant volume"):
             raise
-    if not path.lower().endswith(NIFTI_SUFFIXES):
-        raise BadFileError(path, "constant label map; only NIfTI label maps may be constant")
-    header = nib.load(path)
-    value = float(np.asarray(header.dataobj[(0,) * len(header.shape)]))
-    # The layout shape: the RAS axes chosen for (slice, row, column), from the orientation of the affine.
-    ras_axis_of_file_axis = nib.orientations.io_orientation(header.affine)[:, 0].astype(int)
-    ras_shape = [0, 0, 0]
-    for file_axis, ras_axis in enumerate(ras_axis_of_file_axis):
-        ras_shape[ras_axis] = header.shape[file_axis]
-    layout = RAS_AXES_FOR_LAYOUT[slice_axis]
-    return np.full([ras_shape[axis] for axis in layout], value, dtype=np.float32)
-
-
-def _resolve(manifest: Path, value: str) -> Path:
-    return Path(value) if Path(value).is_absolute() else manifest.parent / value
+    header = read_volume_header(path)
+    if header.affine is None:
+        raise BadFileError(path, "constant label map; only label maps with an affine in their header may be constant")
+    value = float(np.asarray(volume_reader(path).decode(path)).flat[0])
+    return np.full(layout_shape(header.affine, header.shape, slice_axis), value, dtype=np.float32)
 
 
 def _volume_extension(name: str) -> str | None:
     lower = name.lower()
-    for extension in (*NIFTI_SUFFIXES[::-1], NUMPY_SUFFIX):  # ".nii.gz" before ".nii"
+    for extension in sorted(VOLUME_FILE_SUFFIXES, key=len, reverse=True):  # ".nii.gz" before ".nii"
         if lower.endswith(extension):
             return name[-len(extension):]
     return None
@@ -736,20 +717,16 @@ class SegmentationData(LightningDataModule):
         return split_by_volume(pairs, hp.val_fraction, hp.split_seed)
 
     def _load(self, pairs: Sequence[SegmentationPair]) -> list[SegmentationVolume]:
+        """Load every pair (one at a time: each holds a whole volume) and apply ``on_bad_file``."""
         hp = self.hparams
-        volumes, bad = [], []
-        for pair in pairs:
-            try:
-                volumes.append(
-                    load_pair(pair, hp.in_plane_size, self.label_mapping, hp.modality, hp.slice_axis, hp.slab_slices)
-                )
-            except BadFileError as error:
-                bad.append(error)
-        if bad and hp.on_bad_file == "error":
-            raise DataValidationError(bad)
-        for error in bad:
-            log.warning("skipping bad segmentation pair %s: %s", error.path, error.reason)
-        return volumes
+
+        def load(pair: SegmentationPair) -> FileCheck:
+            volume = load_pair(pair, hp.in_plane_size, self.label_mapping, hp.modality, hp.slice_axis, hp.slab_slices)
+            return FileCheck(pair.image, loaded=volume)
+
+        checks = check_files(pairs, load, progress="loading volumes", path_of=lambda pair: pair.image)
+        usable = apply_bad_file_policy(checks, hp.on_bad_file, what="segmentation pair")
+        return [checks[position].loaded for position in usable]
 
     def setup(self, stage: str) -> None:
         # Loaded once: fit followed by validate (or a second fit) reuses the volumes.

@@ -12,14 +12,13 @@ Data (:class:`VolumeClassificationData`) comes in two kinds:
   ``coordY``, ``coordZ`` in world millimetres, ``class``): around every candidate a slab of ``num_slices`` slices
   x ``patch_size`` x ``patch_size`` voxels is cut.
 
-World -> voxel (candidates): a world position (x, y, z) in mm is taken in the frame ``world_frame``: "lps" (DICOM
-and ITK physical space, which LUNA16's .mhd files and its CSVs use) or "ras" (NIfTI / nibabel scanner space);
-LPS is turned into RAS by negating x and y. The NIfTI affine maps file voxel indices to RAS mm, so
-``inverse(affine) @ (x, y, z, 1)`` is the (fractional) file voxel index; it is then carried through the same axis
-permutation and flips that :func:`~jointssl.data.load_volume` applies to the array (reorientation to RAS, then the
-slice layout: axial slices inferior -> superior, rows anterior -> posterior, columns patient right -> left), giving
-the candidate's (slice, row, column) index in the loaded volume. Candidate volumes must therefore be NIfTI files
-(convert LUNA16's .mhd/.raw, e.g. with SimpleITK, keeping the geometry). The slab is sampled on a grid of
+World -> voxel (candidates): a world position (x, y, z) in mm is taken in the frame ``world_frame`` (default
+"lps": DICOM and ITK physical space, which LUNA16's .mhd files and its CSVs use; "ras": NIfTI / nibabel scanner
+space). :func:`jointssl.data.geometry.world_to_layout_index` maps it through the volume's voxel -> RAS affine (read
+from its header by its reader) and the same axis permutation and flips that :func:`~jointssl.data.load_volume`
+applies to the array, giving the candidate's (slice, row, column) index in the loaded volume. Candidate volumes
+must therefore be files with world geometry: NIfTI, MGH/MGZ, NRRD or MetaImage (LUNA16's ``<seriesuid>.mhd`` +
+``.raw`` as they are, with ``jointssl[formats]``), not .npy. The slab is sampled on a grid of
 ``voxel_spacing`` mm (None: the volume's own voxels) with trilinear interpolation; the candidate falls on output
 voxel (num_slices // 2, patch_size // 2, patch_size // 2), and the parts of the slab outside the volume are 0 in
 [0, 1] intensities (air for CT).
@@ -27,7 +26,6 @@ voxel (num_slices // 2, patch_size // 2, patch_size // 2), and the parts of the 
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -35,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,15 +45,17 @@ from torchmetrics.functional.classification import (
     multiclass_auroc,
 )
 
-from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.sources import OnBadFile
+from jointssl.data.discovery import parse_modality, volumes_by_name
+from jointssl.data.errors import BadFileError
+from jointssl.data.manifest import ManifestRow, RowError, read_manifest
+from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files
+from jointssl.data.geometry import WorldFrame, parse_world_frame, world_to_layout_index
 from jointssl.data.volume_io import (
-    NIFTI_SUFFIXES,
-    RAS_AXES_FOR_LAYOUT,
+    WORLD_GEOMETRY_SUFFIXES,
     ModalityChoice,
     SliceAxis,
     load_volume,
-    parse_modality,
+    read_volume_header,
 )
 from jointssl.downstream.common import (
     FrozenPartsMixin,
@@ -68,12 +67,9 @@ from jointssl.downstream.common import (
     normalise_image,
     self_contained_hparams,
     split_by_volume,
-    world_to_voxel,
 )
 
 log = logging.getLogger("jointssl.downstream")
-
-WorldFrame = Literal["lps", "ras"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,43 +219,6 @@ class VolumeClassifier(FrozenPartsMixin, LightningModule):
 # Geometry: world position -> slab
 
 
-def world_to_layout_index(
-    world: Sequence[float],
-    affine: np.ndarray,
-    shape: Sequence[int],
-    slice_axis: SliceAxis = "axial",
-    world_frame: WorldFrame = "ras",
-) -> np.ndarray:
-    """Fractional (slice, row, column) index, in the layout of ``load_volume``, of a world position in mm.
-
-    Args:
-        world: (x, y, z) in mm, in ``world_frame`` ("ras": NIfTI scanner space; "lps": DICOM/ITK, e.g. LUNA16).
-        affine: the NIfTI affine (file voxel index -> RAS mm).
-        shape: the file's array shape (first three axes).
-        slice_axis: the slice axis of the loaded volume.
-    """
-    if world_frame not in ("lps", "ras"):
-        raise ValueError(f"world_frame must be 'lps' or 'ras', got {world_frame!r}")
-    file_index = world_to_voxel(affine, np.asarray(world, dtype=np.float64), world_frame)[0]
-    # The reorientation of load_volume (MONAI Orientation, which uses this same nibabel rule): file axis a
-    # becomes RAS axis ornt[a, 0], reversed when ornt[a, 1] == -1.
-    orientation = nib.orientations.io_orientation(affine)
-    ras_index, ras_shape = np.zeros(3), np.zeros(3)
-    for file_axis, (ras_axis, direction) in enumerate(orientation):
-        size = shape[file_axis]
-        ras_shape[int(ras_axis)] = size
-        ras_index[int(ras_axis)] = file_index[file_axis] if direction > 0 else size - 1 - file_index[file_axis]
-    slice_ras, row_ras, column_ras = RAS_AXES_FOR_LAYOUT[slice_axis]
-    # The layout reverses rows and columns (anterior / superior on top, patient right on the left).
-    return np.array(
-        [
-            ras_index[slice_ras],
-            ras_shape[row_ras] - 1 - ras_index[row_ras],
-            ras_shape[column_ras] - 1 - ras_index[column_ras],
-        ]
-    )
-
-
 def cut_slab(
     volume: Tensor,
     centre: Sequence[float],
@@ -310,90 +269,61 @@ class Candidate:
     modality: Literal["ct", "mr"] | None = None
 
 
-def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict[str, str]]:
-    if not path.is_file():
-        raise BadFileError(path, "CSV does not exist")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c}
-        return list(reader), columns
-
-
-def _cell(row: dict[str, str], columns: dict[str, str], name: str) -> str:
-    return (row.get(columns.get(name, ""), "") or "").strip()
-
-
-def _parse_label(value: str, path: Path, line: int) -> int:
+def _parse_label(row: ManifestRow, column: str) -> int:
+    value = row.text(column)
     try:
-        label = int(float(value))
+        label = float(value)
     except ValueError:
-        raise BadFileError(path, f"line {line}: label {value!r} is not an integer class") from None
-    if label < 0 or label != float(value):
-        raise BadFileError(path, f"line {line}: label {value!r} is not a class index >= 0")
-    return label
+        raise RowError(f"{column} {value!r} is not an integer class") from None
+    if label < 0 or label != int(label):
+        raise RowError(f"{column} {value!r} is not a class index >= 0")
+    return int(label)
 
 
 def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
-    """A whole-volume manifest: ``path`` (or ``image``) and ``label`` columns, optional ``modality``; relative paths
-    are relative to the manifest."""
-    manifest = Path(manifest)
-    rows, columns = _read_rows(manifest)
-    path_column = "path" if "path" in columns else "image"
-    if path_column not in columns or "label" not in columns:
-        raise BadFileError(manifest, f"needs 'path' and 'label' columns; has {list(columns.values())}")
-    items = []
-    for line, row in enumerate(rows, start=2):
-        value = _cell(row, columns, path_column)
-        if not value:
-            raise BadFileError(manifest, f"line {line}: empty path")
-        path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-        label = _parse_label(_cell(row, columns, "label"), manifest, line)
-        items.append(LabelledVolume(str(path), label, parse_modality(_cell(row, columns, "modality"), manifest, line)))
-    return items
+    """A whole-volume manifest (:mod:`jointssl.data.manifest`): ``path`` (or ``image``) and ``label`` columns,
+    optional ``modality``; relative paths are relative to the manifest. Every bad row is reported in one
+    DataValidationError."""
+    table = read_manifest(manifest, required=[("path", "image"), "label"], path_key=("path", "image"),
+                          what="volume label manifest")
+    column = table.column("path", "image")
+    return table.parse_all(
+        lambda row: LabelledVolume(row.path(column), _parse_label(row, "label"), parse_modality(row.text("modality")))
+    )
 
 
 def read_candidates(candidates: str | os.PathLike, volume_dir: str | os.PathLike | None = None) -> list[Candidate]:
-    """A LUNA16-style candidates CSV: ``coordX``, ``coordY``, ``coordZ`` (mm), ``class`` (or ``label``), and the
-    volume as ``path`` (relative to the CSV) or ``seriesuid`` (``<volume_dir>/<seriesuid>.nii.gz`` or ``.nii``;
-    volume_dir defaults to the CSV's folder); optional ``modality``."""
-    candidates = Path(candidates)
-    rows, columns = _read_rows(candidates)
-    label_column = "class" if "class" in columns else "label"
-    needed = ["coordx", "coordy", "coordz", label_column]
-    missing = [c for c in needed if c not in columns]
-    if missing or not ({"path", "seriesuid"} & set(columns)):
-        raise BadFileError(
-            candidates,
-            f"needs coordX, coordY, coordZ, class (or label) and seriesuid (or path) columns; has "
-            f"{list(columns.values())}",
-        )
-    folder = Path(volume_dir) if volume_dir is not None else candidates.parent
-    resolved: dict[str, str] = {}
-    items = []
-    for line, row in enumerate(rows, start=2):
-        if "path" in columns and _cell(row, columns, "path"):
-            value = _cell(row, columns, "path")
-            path = str(Path(value) if Path(value).is_absolute() else candidates.parent / value)
-        else:
-            uid = _cell(row, columns, "seriesuid")
-            if not uid:
-                raise BadFileError(candidates, f"line {line}: neither path nor seriesuid")
-            if uid not in resolved:
-                matches = [folder / f"{uid}{suffix}" for suffix in (".nii.gz", ".nii") if (folder / f"{uid}{suffix}").is_file()]
-                if not matches:
-                    raise BadFileError(candidates, f"line {line}: no volume {folder / uid}.nii.gz (or .nii)")
-                resolved[uid] = str(matches[0])
-            path = resolved[uid]
-        try:
-            world = tuple(float(_cell(row, columns, c)) for c in ("coordx", "coordy", "coordz"))
-        except ValueError:
-            raise BadFileError(candidates, f"line {line}: coordinates must be numbers (mm)") from None
-        if not all(np.isfinite(world)):
-            raise BadFileError(candidates, f"line {line}: non-finite coordinates {world}")
-        label = _parse_label(_cell(row, columns, label_column), candidates, line)
-        modality = parse_modality(_cell(row, columns, "modality"), candidates, line)
-        items.append(Candidate(path, world, label, modality))  # type: ignore[arg-type]
-    return items
+    """A LUNA16-style candidates CSV (:mod:`jointssl.data.manifest`): ``coordX``, ``coordY``, ``coordZ`` (mm),
+    ``class`` (or ``label``), and the volume as ``path`` (relative to the CSV) or ``seriesuid`` (a file
+    ``<seriesuid>`` + a suffix of ``WORLD_GEOMETRY_SUFFIXES`` anywhere under ``volume_dir``, which defaults to the
+    CSV's folder); optional ``modality``. Every bad row is reported in one DataValidationError."""
+    table = read_manifest(
+        candidates, required=["coordx", "coordy", "coordz", ("class", "label"), ("path", "seriesuid")],
+        what="candidates CSV",
+    )
+    label_column = table.column("class", "label")
+    folder = Path(volume_dir) if volume_dir is not None else table.path.parent
+    by_uid: dict[str, str] | None = None
+
+    def volume_of(row: ManifestRow) -> str:
+        nonlocal by_uid
+        if row.text("path"):
+            return row.path("path")
+        uid = row.text("seriesuid")
+        if not uid:
+            raise RowError("neither path nor seriesuid")
+        if by_uid is None:  # searched once, and only when some row names its volume by seriesuid
+            by_uid = volumes_by_name([folder], suffixes=WORLD_GEOMETRY_SUFFIXES)
+        if uid not in by_uid:
+            raise RowError(f"no volume {uid!r} ({' / '.join(WORLD_GEOMETRY_SUFFIXES)}) under {folder}")
+        return by_uid[uid]
+
+    def parse(row: ManifestRow) -> Candidate:
+        world = tuple(row.number(c) for c in ("coordx", "coordy", "coordz"))
+        return Candidate(volume_of(row), world, _parse_label(row, label_column),  # type: ignore[arg-type]
+                         parse_modality(row.text("modality")))
+
+    return table.parse_all(parse)
 
 
 def resample_slices(volume: Tensor, max_slices: int | None) -> Tensor:
@@ -492,8 +422,7 @@ class VolumeClassificationData(LightningDataModule):
         super().__init__()
         if (manifest is None) == (candidates is None):
             raise ValueError("give either manifest (whole-volume labels) or candidates (LUNA16-style CSV)")
-        if world_frame not in ("lps", "ras"):
-            raise ValueError(f"world_frame must be 'lps' or 'ras', got {world_frame!r}")
+        parse_world_frame(world_frame)  # ValueError for anything but lps / ras
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
         if voxel_spacing is not None and (len(voxel_spacing) != 3 or min(voxel_spacing) <= 0):
@@ -534,47 +463,50 @@ class VolumeClassificationData(LightningDataModule):
         )
 
     def _build(self, items: Sequence[Any], augment: bool) -> ClassificationSamples:
+        """Load every volume once (one at a time: each is decoded whole), cut its samples, apply ``on_bad_file``."""
         samples: list[Tensor] = []
         labels: list[int] = []
-        bad: list[BadFileError] = []
         if self.hparams.candidates is not None:
             by_volume: dict[str, list[Candidate]] = {}
             for candidate in items:
                 by_volume.setdefault(candidate.path, []).append(candidate)
-            for path, group in by_volume.items():
-                try:
-                    slabs = self._candidate_slabs(path, group)
-                except BadFileError as error:
-                    bad.append(error)
-                    continue
-                samples.extend(slabs)
-                labels.extend(c.label for c in group)
+            groups = list(by_volume.items())
+            checks = check_files(
+                groups,
+                lambda group: FileCheck(group[0], loaded=self._candidate_slabs(*group)),
+                progress="loading volumes",
+                path_of=lambda group: group[0],
+            )
+            for position in apply_bad_file_policy(checks, self.hparams.on_bad_file, what="volume"):
+                samples.extend(checks[position].loaded)
+                labels.extend(c.label for c in groups[position][1])
         else:
-            for item in items:
-                try:
-                    volume = self._load_volume(item.path, item.modality, self.hparams.in_plane_size)
-                except BadFileError as error:
-                    bad.append(error)
-                    continue
-                samples.append(resample_slices(torch.from_numpy(volume.array), self.hparams.max_slices))
-                labels.append(item.label)
-        if bad and self.hparams.on_bad_file == "error":
-            raise DataValidationError(bad)
-        for error in bad:
-            log.warning("skipping bad volume %s: %s", error.path, error.reason)
+
+            def load(item: Any) -> FileCheck:
+                volume = self._load_volume(item.path, item.modality, self.hparams.in_plane_size)
+                sample = resample_slices(torch.from_numpy(volume.array), self.hparams.max_slices)
+                return FileCheck(item.path, loaded=sample)
+
+            checks = check_files(items, load, progress="loading volumes")
+            for position in apply_bad_file_policy(checks, self.hparams.on_bad_file, what="volume"):
+                samples.append(checks[position].loaded)
+                labels.append(items[position].label)
         return ClassificationSamples(samples, labels, augment=augment)
 
     def _candidate_slabs(self, path: str, group: Sequence[Candidate]) -> list[Tensor]:
-        """Load one NIfTI volume and cut the slab of each of its candidates."""
-        if not path.lower().endswith(NIFTI_SUFFIXES):
-            raise BadFileError(path, "candidate volumes must be NIfTI (the affine places world coordinates)")
+        """Load one volume with world geometry and cut the slab of each of its candidates."""
+        header = read_volume_header(path)
+        if header.affine is None:
+            raise BadFileError(
+                path, "candidate volumes need world geometry in their header (NIfTI, MGH, NRRD, MetaImage)"
+            )
         volume = self._load_volume(path, group[0].modality, None)
-        header = nib.load(path)
         array = torch.from_numpy(volume.array)
         slabs = []
         for candidate in group:
             centre = world_to_layout_index(
-                candidate.world, header.affine, header.shape[:3], self.hparams.slice_axis, self.hparams.world_frame
+                candidate.world, header.affine, header.shape, self.hparams.slice_axis,
+                world_frame=self.hparams.world_frame,
             )
             if np.any(centre < -0.5) or np.any(centre > np.array(array.shape) - 0.5):
                 raise BadFileError(
