@@ -167,6 +167,8 @@ def test_bad_metaimage_nrrd_and_mgh_files_name_the_reason(tmp_path: Path) -> Non
     unknown_type = write_metaimage(tmp_path / "type.mhd", array)
     unknown_type.write_text(unknown_type.read_text().replace("MET_SHORT", "MET_COMPLEX"))
     cases[unknown_type] = "unknown ElementType 'MET_COMPLEX'"
+    bad_spacing = write_metaimage(tmp_path / "spacing.mhd", array, spacing=(0.7, 0.0, 2.5))
+    cases[bad_spacing] = "ElementSpacing must be positive"
     local = tmp_path / "local.mha"  # one file, header then data, cut short
     local.write_bytes(write_metaimage(tmp_path / "x.mhd", array).read_text().replace("x.raw", "LOCAL").encode()
                       + b"\0" * 100)

@@ -322,11 +322,11 @@ class MetaImageReader(VolumeReader):
         element_type = fields["ElementType"].strip()
         if element_type not in _METAIMAGE_ITEM_SIZES:
             raise BadFileError(path, f"broken MetaImage header: unknown ElementType {element_type!r}")
-        channels = int(fields.get("ElementNumberOfChannels", "1") or 1)
+        channels = _metaimage_number(path, fields, "ElementNumberOfChannels", "1")
         if channels != 1:
             raise BadFileError(path, f"{channels} channels per voxel; a single-channel volume is expected")
         spacing = fields.get("ElementSpacing", fields.get("ElementSize", "1 1 1")).split()
-        if any(not np.isfinite(float(v)) or float(v) <= 0 for v in spacing):
+        if any(not _is_positive_number(v) for v in spacing):
             raise BadFileError(path, f"broken MetaImage header: ElementSpacing must be positive, got {spacing}")
         data_file = fields["ElementDataFile"].strip()
         compressed = fields.get("CompressedData", "False").strip().lower() == "true"
@@ -339,7 +339,7 @@ class MetaImageReader(VolumeReader):
             if not os.path.isfile(data_path):
                 raise BadFileError(path, f"data file {data_file} (named by ElementDataFile) does not exist")
             if not compressed:
-                _check_data_size(path, data_path, max(0, int(fields.get("HeaderSize", "0"))), shape, item_size)
+                _check_data_size(path, data_path, max(0, _metaimage_number(path, fields, "HeaderSize", "0")), shape, item_size)
         sitk = _simpleitk(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
@@ -416,6 +416,20 @@ def _metaimage_fields(path: str) -> tuple[dict[str, str], int]:
     if not fields:
         raise BadFileError(path, "not a MetaImage file: it does not start with 'key = value' header lines")
     return fields, position
+
+
+def _metaimage_number(path: str, fields: dict[str, str], key: str, default: str) -> int:
+    try:
+        return int(fields.get(key, default) or default)
+    except ValueError:
+        raise BadFileError(path, f"broken MetaImage header: {key} {fields[key]!r} is not an integer") from None
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return bool(np.isfinite(float(text)) and float(text) > 0)
+    except ValueError:
+        return False
 
 
 def _simpleitk(path: str):
