@@ -12,6 +12,9 @@ decoders and checks, the same load settings) without starting a training run, an
     /data/ct/notes.txt: ignored: not a volume file (.nii, .nii.gz, .npy or DICOM)
     jointssl check-data: 120 files checked (100 images, 20 volumes) in 2.0 s: 1 bad, 1 with warnings, 1 ignored
 
+Each line is printed as soon as its file has been checked; on a terminal a progress bar on stderr shows how far
+the check is (``--quiet``: none).
+
 ``error`` lines are files training refuses (``on_bad_file: error``) or skips (``on_bad_file: skip``);
 ``warning`` lines are files that load after a documented repair or conversion (colour to grey, padding of short
 volumes, ...); ``ignored`` lines are files in volume folders that are not volumes. Exit status: 0 when no file is
@@ -32,7 +35,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +92,15 @@ class DataCheckReport:
     volumes_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
+    #: Called with each finding as soon as it is found (``jointssl check-data`` prints it).
+    on_finding: Callable[[Finding], None] | None = field(default=None, repr=False, compare=False)
+
+    def add(self, findings: Iterable[Finding]) -> None:
+        """Record findings, in the order they are found, and pass each to ``on_finding``."""
+        for finding in findings:
+            self.findings.append(finding)
+            if self.on_finding is not None:
+                self.on_finding(finding)
 
     @property
     def errors(self) -> list[Finding]:
@@ -116,10 +128,17 @@ class DataCheckReport:
 
 
 def check_data(
-    images: Sequence[str | os.PathLike], volumes: Sequence[str | os.PathLike], settings: CheckSettings
+    images: Sequence[str | os.PathLike],
+    volumes: Sequence[str | os.PathLike],
+    settings: CheckSettings,
+    on_finding: Callable[[Finding], None] | None = None,
+    progress: bool = True,
 ) -> DataCheckReport:
     """Discover and decode every image and volume of the sources once, with the validation code of
     ``JointDataModule.setup``, and report every bad file, repair and ignored file.
+
+    ``on_finding`` is called with each finding as it is found, in report order; ``progress`` draws progress bars
+    on stderr while files are decoded (only when stderr is a terminal).
 
     Raises :class:`UsageError` for a source that does not exist, or a 2D source that is a file but not a
     ``.csv`` manifest. A manifest that cannot be read is reported as a bad file and the other sources are still
@@ -132,20 +151,24 @@ def check_data(
     for source in images:
         if os.path.isfile(source) and Path(source).suffix.lower() != ".csv":
             raise UsageError(f"an image source must be a folder or a .csv manifest, got the file {source}")
-    report = DataCheckReport()
-    report.images_checked = _check_images(images, settings, report.findings)
-    report.volumes_checked = _check_volumes(volumes, settings, report.findings)
+    report = DataCheckReport(on_finding=on_finding)
+    report.images_checked = _check_images(images, settings, report, progress)
+    report.volumes_checked = _check_volumes(volumes, settings, report, progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _scan_each(sources: Sequence[str | os.PathLike], scan_sources: Callable, into: Any) -> list[Finding]:
-    """Scan the sources one at a time into `into` (an ImageSourceScan / VolumeSourceScan): a manifest that cannot
+    """Scan the sources one at a time into `into` (a SourceScan): a manifest that cannot
     be read is one unreadable finding, not the end of the check. Returns those findings."""
+    from jointssl.data.errors import DataValidationError
+
     unreadable = []
     for source in sources:
         try:
             into.extend(scan_sources([source]))
+        except DataValidationError as error:  # a manifest's header or rows: one finding per problem
+            unreadable.extend(Finding(e.path, "error", e.reason) for e in error.errors)
         except (ValueError, OSError, csv.Error) as error:
             unreadable.append(_unreadable_manifest(source, error))
     return unreadable
@@ -155,23 +178,27 @@ def _unreadable_manifest(source: str | os.PathLike, error: Exception) -> Finding
     return Finding(str(source), "error", f"cannot read the manifest: {type(error).__name__}: {error}")
 
 
-def _check_images(sources: Sequence[str | os.PathLike], settings: CheckSettings, findings: list[Finding]) -> int:
-    """Append the findings of the 2D sources; return the number of entries checked. An image smaller than the
-    global crop trains, but every crop of it is an upsampled blur: a warning."""
+def _check_images(
+    sources: Sequence[str | os.PathLike], settings: CheckSettings, report: DataCheckReport, progress: bool
+) -> int:
+    """Add the findings of the 2D sources to the report; return the number of entries checked. An image smaller
+    than the global crop trains, but every crop of it is an upsampled blur: a warning."""
+    from jointssl.data.discovery import SourceScan, scan_image_sources
     from jointssl.data.image_io import MIN_IMAGE_SIDE
-    from jointssl.data.sources import ImageSourceScan, check_images, scan_image_sources
+    from jointssl.data.validation import check_images
 
-    scan = ImageSourceScan()
+    scan = SourceScan()
     unreadable = _scan_each(sources, scan_image_sources, scan)
-    findings += unreadable
-    findings += [Finding(error.path, "error", error.reason) for error in scan.missing]
-    findings += [Finding(path, "warning", note) for path, note in scan.notes]
+    report.add(unreadable)
+    report.add(Finding(error.path, "error", error.reason) for error in scan.problems)
+    report.add(Finding(path, "warning", note) for path, note in scan.notes)
     crop = settings.global_crop_size
-    for check in check_images(scan.records, num_threads=max(1, settings.threads), min_side=MIN_IMAGE_SIDE):
+
+    def findings_of(check) -> Iterator[Finding]:
         if check.error is not None:
-            findings.append(Finding(check.error.path, "error", check.error.reason))
-            continue
-        findings += [Finding(check.path, "warning", note) for note in check.notes]
+            yield Finding(check.error.path, "error", check.error.reason)
+            return
+        yield from (Finding(check.path, "warning", note) for note in check.notes)
         if check.shape is not None and min(check.shape) < crop:
             height, width = check.shape
             upsampling = crop / min(height, width)
@@ -179,37 +206,57 @@ def _check_images(sources: Sequence[str | os.PathLike], settings: CheckSettings,
                 f"image is {height}x{width} pixels, smaller than global_crop_size {crop}: its crops are upsampled "
                 f"(at least {upsampling:.1f}x)"
             )
-            findings.append(Finding(check.path, "warning", message))
-    return len(unreadable) + len(scan.missing) + len(scan.records)
+            yield Finding(check.path, "warning", message)
+
+    check_images(
+        scan.records,
+        num_threads=max(1, settings.threads),
+        min_side=MIN_IMAGE_SIDE,
+        progress="checking images" if progress else None,
+        on_result=lambda check: report.add(findings_of(check)),
+    )
+    return len(unreadable) + len(scan.problems) + len(scan.records)
 
 
-def _check_volumes(sources: Sequence[str | os.PathLike], settings: CheckSettings, findings: list[Finding]) -> int:
-    """Append the findings of the 3D sources; return the number of entries checked. A volume shorter than
-    num_slices trains padded with masked empty slices: a warning. A missing file listed in a manifest is traced
-    back to the manifest's line."""
-    from jointssl.data.volume_io import VolumeSourceScan, check_volumes, scan_volume_sources
+def _check_volumes(
+    sources: Sequence[str | os.PathLike], settings: CheckSettings, report: DataCheckReport, progress: bool
+) -> int:
+    """Add the findings of the 3D sources to the report; return the number of entries checked. A volume shorter
+    than num_slices trains padded with masked empty slices: a warning. A missing file listed in a manifest is
+    traced back to the manifest's line."""
+    from jointssl.data.discovery import SourceScan, scan_volume_sources
+    from jointssl.data.validation import check_volumes
 
-    scan = VolumeSourceScan()
+    scan = SourceScan()
     unreadable = _scan_each(sources, scan_volume_sources, scan)
-    findings += unreadable
-    findings += [Finding(error.path, "error", error.reason) for error in scan.problems]
-    findings += [Finding(path, "warning", note) for path, note in scan.notes]
-    findings += [Finding(path, "ignored", "not a volume file (.nii, .nii.gz, .npy or DICOM)") for path in scan.ignored]
+    report.add(unreadable)
+    report.add(Finding(error.path, "error", error.reason) for error in scan.problems)
+    report.add(Finding(path, "warning", note) for path, note in scan.notes)
+    report.add(Finding(path, "ignored", "not a volume file (.nii, .nii.gz, .npy or DICOM)") for path in scan.ignored)
     slab = settings.num_slices
-    for check in check_volumes(scan.records, num_threads=max(1, settings.threads), **settings.volume_load_kwargs):
+
+    def findings_of(check) -> Iterator[Finding]:
         if check.error is not None:
             origin = scan.origins.get(check.path)
             listed = f" (listed in {origin})" if origin else ""
-            findings.append(Finding(check.error.path, "error", check.error.reason + listed))
-            continue
-        findings += [Finding(check.path, "warning", note) for note in check.notes]
+            yield Finding(check.error.path, "error", check.error.reason + listed)
+            return
+        yield from (Finding(check.path, "warning", note) for note in check.notes)
         if check.shape is not None and check.shape[0] < slab:
             slices = check.shape[0]
             message = (
                 f"{slices} slices, fewer than num_slices {slab}: padded at the end with {slab - slices} empty "
                 "slices that are masked out"
             )
-            findings.append(Finding(check.path, "warning", message))
+            yield Finding(check.path, "warning", message)
+
+    check_volumes(
+        scan.records,
+        num_threads=max(1, settings.threads),
+        progress="checking volumes" if progress else None,
+        on_result=lambda check: report.add(findings_of(check)),
+        **settings.volume_load_kwargs,
+    )
     return len(unreadable) + len(scan.problems) + len(scan.records)
 
 
@@ -306,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "settings (--images/--volumes replace its sources of that kind)",
     )
     parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: validation_threads)")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (they are drawn only when stderr is a terminal anyway)"
+    )
     return parser
 
 
@@ -322,17 +372,23 @@ def run(argv: Sequence[str]) -> int:
     # name no file and repeat what the report says better.
     for name in ("nibabel", "nibabel.global", "monai"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    from tqdm import tqdm
+
+    def print_finding(finding: Finding) -> None:
+        # tqdm.write clears a progress bar on stderr first, so that the line is not drawn into it.
+        tqdm.write(finding.line(), file=sys.stdout)
+        sys.stdout.flush()
+
     try:
-        report = _check_from_options(options)
+        report = _check_from_options(options, print_finding)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"{PROG}: error: {error}\n")
-    for finding in report.findings:
-        print(finding.line())
     print(report.summary(), flush=True)
     return report.exit_code
 
 
-def _check_from_options(options: argparse.Namespace) -> DataCheckReport:
+def _check_from_options(options: argparse.Namespace, on_finding: Callable[[Finding], None]) -> DataCheckReport:
+    """Check what the options name, passing each finding to ``on_finding`` as it is found."""
     from jointssl.data import JointDataModule
 
     notes: list[Finding] = []
@@ -350,7 +406,10 @@ def _check_from_options(options: argparse.Namespace) -> DataCheckReport:
         images, volumes = list(options.images or []), list(options.volumes or [])
     if not images and not volumes and not notes:
         raise UsageError("nothing to check: give --images and/or --volumes, or a --config with data sources")
-    report = check_data(images, volumes, settings_from_datamodule(datamodule, options.threads))
+    settings = settings_from_datamodule(datamodule, options.threads)
+    for note in notes:
+        on_finding(note)
+    report = check_data(images, volumes, settings, on_finding=on_finding, progress=not options.quiet)
     report.findings[:0] = notes
     return report
 

@@ -4,7 +4,7 @@ from jointssl.data.datamodule import JointDataModule
 from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
 from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.image_io import MIN_IMAGE_SIDE, load_image_2d
-from jointssl.data.sources import ImageRecord, discover_images, validate_images
+from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
 from jointssl.data.synthetic import (
     SyntheticData,
     generate_synthetic_data,
@@ -13,7 +13,8 @@ from jointssl.data.synthetic import (
 )
 from jointssl.data.transforms import MultiCropTransform
 from jointssl.data.volume_datasets import CachedVolumes, SliceDataset, VolumeDataset, collate_volumes
-from jointssl.data.volume_io import VolumeRecord, discover_volumes, load_volume, validate_volumes
+from jointssl.data.validation import FileCheck, OnBadFile, check_images, check_volumes, validate_images, validate_volumes
+from jointssl.data.volume_io import VolumeRecord, load_volume
 from jointssl.data.volume_transforms import VolumeViews
 
 __all__ = [
@@ -21,16 +22,20 @@ __all__ = [
     "BadFileError",
     "CachedVolumes",
     "DataValidationError",
+    "FileCheck",
     "ImageDataset",
     "ImageRecord",
     "JointDataModule",
     "MultiCropDataset",
     "MultiCropTransform",
+    "OnBadFile",
     "SliceDataset",
     "SyntheticData",
     "VolumeDataset",
     "VolumeRecord",
     "VolumeViews",
+    "check_images",
+    "check_volumes",
     "collate_multicrop",
     "collate_volumes",
     "discover_images",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +17,14 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from jointssl import distributed
 from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
-from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.image_io import MIN_IMAGE_SIDE
 from jointssl.data.sampling import ResumableDataLoader, ResumableSampler, SeededDataset
-from jointssl.data.sources import ImageRecord, discover_images, drop_bad_files, find_bad_files
+from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
 from jointssl.data.synthetic import SyntheticData, generate_synthetic_data
 from jointssl.data.transforms import MultiCropTransform
+from jointssl.data.validation import FileCheck, ValidationCache, apply_bad_file_policy, check_images
 from jointssl.data.volume_datasets import CachedVolumes, SliceDataset, VolumeDataset, collate_volumes
-from jointssl.data.volume_io import VolumeRecord, discover_volumes
+from jointssl.data.volume_io import VolumeRecord
 from jointssl.data.volume_transforms import VolumeViews
 
 logger = logging.getLogger("jointssl.data")
@@ -114,6 +116,9 @@ class JointDataModule(pl.LightningDataModule):
             constant or too thin volumes): ``"error"`` stops in ``setup`` with one list of every bad file;
             ``"skip"`` logs each one and trains without it.
         validation_threads: threads used to decode every image and volume once during ``setup``.
+        validation_cache: keep each file's check result (keyed by path, size and modification time, and the
+            settings that decide it) in ``<cache_dir>/validation``, or without a ``cache_dir`` in
+            ``<trainer.default_root_dir>/validation_cache``, so that a restart decodes only new or changed files.
         pin_memory: pin batches in page-locked memory (only takes effect when CUDA is available).
         persistent_workers: keep DataLoader workers alive between epochs (only with ``num_workers > 0``).
         seed: seed of the sample order and of the augmentation (the same on every rank: ranks read disjoint
@@ -147,6 +152,7 @@ class JointDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         on_bad_file: Literal["error", "skip"] = "error",
         validation_threads: int = 8,
+        validation_cache: bool = True,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
@@ -182,6 +188,7 @@ class JointDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.on_bad_file = on_bad_file
         self.validation_threads = validation_threads
+        self.validation_cache = validation_cache
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
@@ -236,27 +243,35 @@ class JointDataModule(pl.LightningDataModule):
         threads = max(1, min(self.validation_threads, os.cpu_count() or 1))
         image_records = discover_images(image_sources, on_missing=self.on_bad_file) if image_sources else []
         volume_records = discover_volumes(volume_sources) if volume_sources else []
-        image_problems = self._find_bad_images(image_records, threads)
+        image_checks = self._check_shard(
+            "images",
+            image_records,
+            lambda share, cache: check_images(
+                share, num_threads=threads, progress=self._progress("validating images"), cache=cache
+            ),
+            self._validation_cache("images", {"sources": image_sources, "min_side": MIN_IMAGE_SIDE}),
+        )
         candidates = CachedVolumes(
             volume_records, self.volume_load_kwargs, self.volume_cache, self._volume_cache_dir(), preload=False
         )
-        volume_results = self._check_volumes(candidates, threads)
-        volume_problems = [result for result in volume_results if isinstance(result, BadFileError)]
-        if self.on_bad_file == "error" and (image_problems or volume_problems):
-            raise DataValidationError(image_problems + volume_problems)
-        log = distributed.rank() == 0  # under DDP every rank knows every problem: report each once
-        image_records = drop_bad_files(image_records, image_problems, "skip", log=log)
-        if volume_problems and log:
-            for error in volume_problems:
-                logger.warning("skipping bad volume %s: %s", error.path, error.reason)
-            logger.warning("skipped %d bad volume(s) (on_bad_file=skip)", len(volume_problems))
+        volume_checks = self._check_shard(
+            "volumes",
+            list(range(len(candidates))),
+            lambda share, cache: candidates.check(
+                share, num_threads=threads, progress=self._progress("validating volumes"), cache=cache
+            ),
+            self._validation_cache("volumes", {"sources": volume_sources, "load": self.volume_load_kwargs}),
+        )
+        # One policy over both kinds: with on_bad_file "error" one DataValidationError lists every bad file.
+        usable = apply_bad_file_policy(image_checks + volume_checks, self.on_bad_file)
+        image_records = [image_records[position] for position in usable if position < len(image_checks)]
+        good = [position - len(image_checks) for position in usable if position >= len(image_checks)]
         if image_sources and not image_records:
             raise ValueError(f"no usable 2D images found in {image_sources}")
-        good = [position for position, result in enumerate(volume_results) if isinstance(result, int)]
         if volume_sources and not good:
             raise ValueError(f"no usable volumes found in {volume_sources}")
-        slice_counts = [volume_results[position] for position in good]
-        self._build_streams(image_records, candidates.subset(good), slice_counts)  # type: ignore[arg-type]
+        slice_counts = [volume_checks[position].shape[0] for position in good]  # type: ignore[index]
+        self._build_streams(image_records, candidates.subset(good), slice_counts)
         logger.info(
             "2D stream: %d images from %d source(s) + %d volume slices; volume stream: %d volumes from %d "
             "source(s); %d global sample indices",
@@ -431,11 +446,8 @@ class JointDataModule(pl.LightningDataModule):
             # Under DDP this rank validated only its share: decode the rest now, in the main process, so that
             # DataLoader workers inherit a full cache instead of each decoding (and holding) its own copy.
             threads = max(1, min(self.validation_threads, os.cpu_count() or 1))
-            problems = [
-                result for result in volumes.check(num_threads=threads) if isinstance(result, BadFileError)
-            ]
-            if problems:  # changed since validation
-                raise DataValidationError(problems)
+            # A volume that fails now changed since validation: an error whatever on_bad_file says.
+            apply_bad_file_policy(volumes.check(num_threads=threads, progress=self._progress("caching volumes")), "error")
 
         self._image_records = list(image_records)
         self.image_dataset = ImageDataset(image_records, self.transform, index_offset=0) if n_images else None
@@ -520,44 +532,57 @@ class JointDataModule(pl.LightningDataModule):
             raise ValueError('volume_cache="disk" without a cache_dir needs a Trainer (its default_root_dir)')
         return str(Path(trainer.default_root_dir) / "volume_cache")
 
-    def _find_bad_images(self, records: list[ImageRecord], threads: int) -> list[BadFileError]:
-        """Decode this rank's share of the images; return every rank's findings, in record order."""
-        world, rank = distributed.world_size(), distributed.rank()
-        problems = [
-            (error.path, error.reason) for error in find_bad_files(records[rank::world], num_threads=threads)
-        ]
-        if distributed.is_distributed():
-            # Plain (path, reason) tuples: exceptions with two-argument constructors do not unpickle.
-            gathered: list[list[tuple[str, str]]] = [[] for _ in range(world)]
-            dist.all_gather_object(gathered, problems)
-            problems = [problem for rank_problems in gathered for problem in rank_problems]
-        order = {record.path: i for i, record in enumerate(records)}
-        bad = [BadFileError(path, reason) for path, reason in sorted(problems, key=lambda p: order[p[0]])]
-        logger.info("validated %d 2D images: %d bad", len(records), len(bad))
-        return bad
+    def _validation_cache(self, kind: str, settings: dict[str, Any]) -> ValidationCache | None:
+        """The cache of check results of one kind of file, beside the volume cache: ``<cache_dir>/validation`` or
+        the experiment's ``<trainer.default_root_dir>/validation_cache``; None when ``validation_cache`` is off or
+        there is neither (a data module used without a Trainer writes nothing)."""
+        if not self.validation_cache:
+            return None
+        if self.cache_dir is not None:
+            folder = Path(self.cache_dir) / "validation"
+        elif self.trainer is not None:
+            folder = Path(self.trainer.default_root_dir) / "validation_cache"
+        else:
+            return None
+        return ValidationCache(folder, kind, settings)
 
-    def _check_volumes(self, volumes: CachedVolumes, threads: int) -> list[int | BadFileError]:
-        """Load this rank's share of the volumes through their cache; return, for every volume, its number of
-        slices or its BadFileError, from all ranks."""
+    def _progress(self, label: str) -> str | None:
+        """``label`` for a progress bar of rank 0, or None: the other ranks draw none, and neither does a Trainer
+        whose progress bar is off."""
+        trainer = self.trainer
+        if self._rank() != 0 or (trainer is not None and trainer.progress_bar_callback is None):
+            return None
+        return label
+
+    def _check_shard(
+        self,
+        kind: str,
+        items: list[Any],
+        check: Callable[[list[Any], ValidationCache | None], list[FileCheck]],
+        cache: ValidationCache | None,
+    ) -> list[FileCheck]:
+        """Check this rank's share of ``items`` (every world_size-th one) with ``check(share, cache)`` and return
+        the results of every rank, in item order. Rank 0 alone writes the validation cache, with every rank's
+        results, so that no two processes write one file."""
         world, rank = distributed.world_size(), distributed.rank()
-        own = list(range(rank, len(volumes), world))
-        results = volumes.check(own, num_threads=threads)
+        checks = check(items[rank::world], cache)
         if distributed.is_distributed():
-            plain = [
-                (position, result if isinstance(result, int) else (result.path, result.reason))
-                for position, result in zip(own, results)
-            ]
-            gathered: list[list[tuple[int, Any]]] = [[] for _ in range(world)]
-            dist.all_gather_object(gathered, plain)
-            merged = {position: result for rank_results in gathered for position, result in rank_results}
-            results = [
-                merged[p] if isinstance(merged[p], int) else BadFileError(*merged[p])
-                for p in range(len(volumes))
-            ]
-        bad = sum(isinstance(result, BadFileError) for result in results)
-        if len(volumes):
-            logger.info("validated %d volumes: %d bad", len(volumes), bad)
-        return results
+            # Plain data: exceptions with two-argument constructors do not unpickle.
+            share = ([c.to_plain() for c in checks], cache.entries() if cache is not None else None)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, share)
+            merged: list[Any] = [None] * len(items)
+            for other, (plain, entries) in enumerate(gathered):
+                merged[other::world] = [FileCheck.from_plain(p) for p in plain]
+                if cache is not None and other != rank:
+                    cache.merge(*entries)
+            checks = merged
+        if cache is not None and rank == 0:
+            cache.save()
+        if items:
+            bad = sum(not c.ok for c in checks)
+            logger.info("validated %d %s: %d bad", len(items), kind, bad)
+        return checks
 
 
 def _check_configuration(

@@ -41,8 +41,7 @@ from jointssl import distributed
 from jointssl.checkpointing import write_atomic
 from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, decode_image_2d
-# The header check is the volume reader's own, so that a check without decoding gives the reader's reasons.
-from jointssl.data.volume_io import ModalityChoice, _check_nifti_header, load_volume, volume_kind
+from jointssl.data.volume_io import ModalityChoice, load_volume, read_volume_header
 
 if TYPE_CHECKING:
     from jointssl.data.discovery import ImageRecord
@@ -411,12 +410,12 @@ def check_volume(item: str | os.PathLike | VolumeRecord, modality: ModalityChoic
 
 
 def check_volume_header(path: str | os.PathLike) -> FileCheck:
-    """What a volume's file and NIfTI header show without decoding the data, with the reader's checks and reasons
-    (missing, special or empty file, unsupported format, broken header, 2D or 4D): for data modules that decode
-    each volume only when training reads it (nodule detection)."""
-    path = str(path)
-    notes = _check_nifti_header(path) if volume_kind(path) == "nifti" else []
-    return FileCheck(path, None, None, tuple(notes))
+    """What a volume's file and header show without decoding the data, with the reader's own checks and reasons
+    (missing, special or empty file, unsupported format, broken header, 2D or 4D;
+    :func:`~jointssl.data.volume_io.read_volume_header`): for data modules that decode each volume only when
+    training reads it (nodule detection). ``shape`` is the array shape as stored."""
+    header = read_volume_header(path)
+    return FileCheck(str(path), None, tuple(header.shape), tuple(header.notes))
 
 
 def check_volumes(

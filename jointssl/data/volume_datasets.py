@@ -15,8 +15,8 @@ augmentation runs on every access. Cache modes:
 * ``"auto"`` (default): "disk" when ``cache_dir`` is given, else "memory".
 
 Validation reuses the cache: :meth:`CachedVolumes.check` loads volumes (so a volume that loads is cached, and a
-bad one raises nothing but is reported), and :meth:`CachedVolumes.subset` keeps the good ones without decoding
-them again.
+bad one raises nothing but is reported; a progress bar shows the cache being built), and
+:meth:`CachedVolumes.subset` keeps the good ones without decoding them again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +38,8 @@ from monai.data import Dataset as MonaiDataset
 from monai.transforms import Transform
 from torch.utils.data import Dataset
 
-from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.errors import BadFileError
+from jointssl.data.validation import FileCheck, ValidationCache, apply_bad_file_policy, check_files
 from jointssl.data.volume_io import VolumeRecord, load_volume
 from jointssl.data.volume_transforms import VolumeViews
 
@@ -120,10 +120,8 @@ class CachedVolumes(Dataset):
         self._memory_cache: list[dict[str, Any] | None] = [None] * len(self.records)
         self._dataset = self._build_dataset()
         if cache == "memory" and preload:
-            checked = self.check(num_threads=min(4, os.cpu_count() or 1))
-            problems = [result for result in checked if isinstance(result, BadFileError)]
-            if problems:
-                raise DataValidationError(problems)
+            checks = self.check(num_threads=min(4, os.cpu_count() or 1), progress="caching volumes")
+            apply_bad_file_policy(checks, "error")
 
     def _build_dataset(self) -> Dataset:
         items = [_record_item(record) for record in self.records]
@@ -151,26 +149,33 @@ class CachedVolumes(Dataset):
                 raise
             raise cause from None
 
-    def check(self, positions: Iterable[int] | None = None, num_threads: int = 1) -> list[int | BadFileError]:
-        """Load the volumes at ``positions`` (default: all), filling the cache, and return for each one its number
-        of slices, or the :class:`~jointssl.data.errors.BadFileError` that makes it unusable.
+    def check(
+        self,
+        positions: Iterable[int] | None = None,
+        num_threads: int = 1,
+        progress: str | None = None,
+        cache: ValidationCache | None = None,
+    ) -> list[FileCheck]:
+        """Load the volumes at ``positions`` (default: all), filling the cache, and return for each one its
+        :class:`~jointssl.data.validation.FileCheck` (``shape``: slices, rows, columns as loaded).
 
-        Loading runs in ``num_threads`` threads (decoders release the GIL for much of their work). With the
-        disk cache a volume cached earlier is read from the cache: it was validated when it was written, and
-        its key changes when the file does.
+        Loading runs in ``num_threads`` threads (decoders release the GIL for much of their work), with a progress
+        bar labelled ``progress`` on a terminal. With the disk cache a volume cached earlier is read from the
+        cache: it was validated when it was written, and its key changes when the file does. A volume whose
+        result is in the validation ``cache`` is not loaded at all.
         """
-        chosen = list(range(len(self)) if positions is None else positions)
 
-        def load(position: int) -> int | BadFileError:
-            try:
-                return int(self[position]["volume"].shape[0])
-            except BadFileError as error:
-                return error
+        def load(position: int) -> FileCheck:
+            return FileCheck(self.records[position].path, None, tuple(self[position]["volume"].shape))
 
-        if num_threads <= 1 or len(chosen) <= 1:
-            return [load(position) for position in chosen]
-        with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jointssl-volumes") as pool:
-            return list(pool.map(load, chosen))
+        return check_files(
+            list(range(len(self)) if positions is None else positions),
+            load,
+            num_threads=num_threads,
+            progress=progress,
+            cache=cache,
+            path_of=lambda position: self.records[position].path,
+        )
 
     def subset(self, positions: Sequence[int]) -> CachedVolumes:
         """The volumes at ``positions``, in that order, sharing this dataset's cache: volumes it already holds in
@@ -190,7 +195,7 @@ class VolumeDataset(Dataset):
     (``index_offset`` + position: a global sample index, e.g. for DeepCluster's memory bank) and ``source``.
 
     Args:
-        records: the volumes (e.g. from :func:`~jointssl.data.volume_io.discover_volumes`), validated
+        records: the volumes (e.g. from :func:`~jointssl.data.discovery.discover_volumes`), validated
             beforehand.
         load_kwargs: keyword arguments of :func:`~jointssl.data.volume_io.load_volume` (not ``path``); a
             record's modality overrides ``modality``.

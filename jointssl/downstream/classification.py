@@ -44,7 +44,7 @@ from torchmetrics.classification import (
 from torchvision.transforms import v2
 
 from jointssl.data import BadFileError, DataValidationError, ImageRecord, discover_images, load_image_2d
-from jointssl.data.sources import OnBadFile, validate_images
+from jointssl.data.validation import OnBadFile, validate_images
 from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.common import FrozenPartsMixin, Mode, build_slice_encoders, check_mode, self_contained_hparams
 from jointssl.optim import decay_groups, warmup_cosine_scheduler
@@ -573,7 +573,9 @@ class ImageClassificationData(LightningDataModule):
 
     def _valid(self, records: list[ImageRecord]) -> list[ImageRecord]:
         threads = max(1, min(self.hparams.validation_threads, os.cpu_count() or 1))
-        records = validate_images(records, on_bad_file=self.hparams.on_bad_file, num_threads=threads)
+        records = validate_images(
+            records, on_bad_file=self.hparams.on_bad_file, num_threads=threads, progress="checking images"
+        )
         if not records:
             raise ValueError("no usable images")
         return records
