@@ -19,6 +19,7 @@ from jointssl.data.volume_io import read_volume, read_volume_header, volume_read
 from jointssl.data.volume_readers import MissingReaderError
 from jointssl.downstream.detection_data import DetectionDataset, collect_scans, read_annotations, val_transform
 from jointssl.downstream.volume_classification import VolumeClassificationData
+from tests.conftest import shared_path
 
 # LUNA16's usual geometry: identity direction cosines, this kind of offset and spacing.
 SPACING = (0.7, 0.8, 2.5)
@@ -144,6 +145,28 @@ def test_one_volume_in_every_format_loads_alike(tmp_path: Path, slice_axis: str)
         assert header.shape == SHAPE, name
         np.testing.assert_allclose(header.affine, affine_ras, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(volume_reader(path).decode(path).affine.numpy(), header.affine, atol=1e-4)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["ct/example_ct_sm.nii.gz", "mr/example_mr_sm.nii.gz"])
+def test_real_volume_converted_by_simpleitk_loads_like_the_nifti(tmp_path: Path, name: str) -> None:
+    """A real CT (RAS-stored) and MR (LPS-stored) NIfTI written as MetaImage, NRRD and MGZ by another library
+    (SimpleITK, i.e. ITK's reading of the NIfTI geometry; nibabel for MGZ) load to the same slices and spacing as
+    the NIfTI itself, and so keep its anatomy (tests/test_volume_io.py checks that on the NIfTI)."""
+    import SimpleITK as sitk
+
+    source = shared_path("volumes", name)
+    image = sitk.ReadImage(str(source))
+    sitk.WriteImage(image, str(tmp_path / "v.mhd"))
+    sitk.WriteImage(image, str(tmp_path / "v.nrrd"))
+    nifti = nib.load(source)
+    nib.save(nib.MGHImage(np.asarray(nifti.dataobj, dtype=np.float32), nifti.affine), tmp_path / "v.mgz")
+    assert (tmp_path / "v.raw").is_file()  # the header and its data file, as LUNA16 ships them
+    reference = read_volume(source)
+    for converted in ("v.mhd", "v.nrrd", "v.mgz"):
+        loaded = read_volume(tmp_path / converted)
+        np.testing.assert_allclose(loaded.array, reference.array, atol=1e-3, err_msg=converted)
+        assert loaded.spacing == pytest.approx(reference.spacing, abs=1e-4), converted
 
 
 # ----------------------------------------------------------------------------------------------------
