@@ -9,7 +9,7 @@ decoders and checks, the same load settings) without starting a training run, an
 
     /data/cxr/a.png: error: empty file (0 bytes)
     /data/cxr/b.png: warning: RGBA image with an alpha channel (12% of pixels not opaque): alpha ignored, ...
-    /data/ct/notes.txt: ignored: not a volume file (.nii, .nii.gz, .npy or DICOM)
+    /data/ct/notes.txt: ignored: not a volume file (.nii .nii.gz .mgh .mgz .nrrd .nhdr .mha .mhd .npy or a DICOM series)
     jointssl check-data: 120 files checked (100 images, 20 volumes) in 2.0 s: 1 bad, 1 with warnings, 1 ignored
 
 Each line is printed as soon as its file has been checked; on a terminal a progress bar on stderr shows how far
@@ -224,7 +224,7 @@ def _check_volumes(
     """Add the findings of the 3D sources to the report; return the number of entries checked. A volume shorter
     than num_slices trains padded with masked empty slices: a warning. A missing file listed in a manifest is
     traced back to the manifest's line."""
-    from jointssl.data.discovery import SourceScan, scan_volume_sources
+    from jointssl.data.discovery import NOT_A_VOLUME, SourceScan, scan_volume_sources
     from jointssl.data.validation import check_volumes
 
     scan = SourceScan()
@@ -232,7 +232,7 @@ def _check_volumes(
     report.add(unreadable)
     report.add(Finding(error.path, "error", error.reason) for error in scan.problems)
     report.add(Finding(path, "warning", note) for path, note in scan.notes)
-    report.add(Finding(path, "ignored", "not a volume file (.nii, .nii.gz, .npy or DICOM)") for path in scan.ignored)
+    report.add(Finding(path, "ignored", NOT_A_VOLUME) for path in scan.ignored)
     slab = settings.num_slices
 
     def findings_of(check) -> Iterator[Finding]:

@@ -111,14 +111,14 @@ def test_boxes_land_on_the_synthetic_nodules(tmp_path: Path, frame: str, target_
 def test_bad_inputs_are_reported_before_training(tmp_path: Path, synthetic_ct: SyntheticNoduleCT) -> None:
     missing_column = tmp_path / "no_diameter.csv"
     missing_column.write_text("seriesuid,coordX,coordY,coordZ\na,1,2,3\n")
-    with pytest.raises(DataValidationError, match=r"no_diameter\.csv: missing column\(s\) \['diameter_mm'\]"):
+    with pytest.raises(DataValidationError, match=r"no_diameter\.csv: annotations CSV needs the column\(s\) 'diameter_mm'"):
         tiny_data(synthetic_ct, annotations=str(missing_column)).setup()
 
     bad_value = tmp_path / "bad_value.csv"
     bad_value.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\na,1,2,3,4\nb,1,x,3,4\nc,1,2,3,-1\n")
     with pytest.raises(DataValidationError, match=r"2 bad input") as error:
         tiny_data(synthetic_ct, annotations=str(bad_value)).setup()
-    assert "bad_value.csv: line 3: non-numeric" in str(error.value)
+    assert "bad_value.csv: line 3: coordy must be a number, got 'x'" in str(error.value)
     assert "bad_value.csv: line 4: diameter_mm must be positive" in str(error.value)
 
     # RAS coordinates read as LPS: every annotated volume is named, with the likely cause.

@@ -309,7 +309,7 @@ def test_embed_then_evaluate_volumes_two_sources(tmp_path: Path, pretrained_chec
     assert not torch.allclose(tensors["volume"], tensors["slice_mean"])
 
     # The volume feature of one volume recomputed by hand: f_intra on every 2nd slice, then f_inter and its pool.
-    from jointssl.data.volume_io import discover_volumes
+    from jointssl.data.discovery import discover_volumes
     from jointssl.downstream.pretrained import load_pretrained
     from jointssl.evaluation.inputs import preprocess_volume
     weights = load_pretrained(pretrained_checkpoint)

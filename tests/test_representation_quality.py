@@ -175,8 +175,7 @@ def test_prepare_writes_manifests_without_held_out_items(fake_tree: Path, tmp_pa
         assert test and all(r["label"] for r in test + read(task["train"]))
         assert not {r["path"] for r in test} & pretrain, name
     # The manifests are what the project's readers accept: a `path` column (images) / `path` + modality (volumes).
-    from jointssl.data.sources import discover_images
-    from jointssl.data.volume_io import discover_volumes
+    from jointssl.data.discovery import discover_images, discover_volumes
 
     assert len(discover_images([info["pretrain"]["images"]])) == info["pretrain"]["n_images"]
     assert {r.modality for r in discover_volumes([info["pretrain"]["volumes"]])} == {"ct", "mr"}

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from jointssl.data.errors import DataValidationError
-from jointssl.data.sources import ImageRecord, discover_images, validate_images
+from jointssl.data.discovery import ImageRecord, discover_images
+from jointssl.data.validation import validate_images
 
 
 def write_png(path: Path, size: tuple[int, int] = (16, 16), value: int = 128) -> Path:
@@ -76,11 +77,11 @@ def test_csv_missing_paths_name_the_csv_and_rows(tmp_path):
     errors = raised.value.errors
     assert [e.path for e in errors] == [str(manifest)] * 4
     reasons = [e.reason for e in errors]
-    assert reasons[0].startswith("row 2 (line 3): 'missing1.png' does not exist")
-    assert reasons[1].startswith("row 3 (line 4): empty path")
-    assert reasons[2].startswith("row 4 (line 5): 'a_folder' is a folder")
-    assert reasons[3].startswith("row 5 (line 6): 'missing2.png' does not exist")
-    assert "m.csv" in str(raised.value) and "row 5" in str(raised.value)
+    assert reasons[0].startswith("line 3: 'missing1.png' does not exist")
+    assert reasons[1].startswith("line 4: empty path")
+    assert reasons[2].startswith("line 5: 'a_folder' is a folder")
+    assert reasons[3].startswith("line 6: 'missing2.png' does not exist")
+    assert "m.csv" in str(raised.value) and "line 6" in str(raised.value)
 
 
 def test_csv_missing_paths_can_be_skipped(tmp_path, caplog):
@@ -90,13 +91,13 @@ def test_csv_missing_paths_can_be_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="jointssl.data"):
         records = discover_images([manifest], on_missing="skip")
     assert [Path(r.path).name for r in records] == ["ok.png"]
-    assert "missing.png" in caplog.text and "row 2" in caplog.text
+    assert "missing.png" in caplog.text and "line 3" in caplog.text
 
 
 def test_csv_without_path_column(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,label\na.png,x\n")
-    with pytest.raises(ValueError, match="'path' column"):
+    with pytest.raises(DataValidationError, match="needs the column\\(s\\) 'path'"):
         discover_images([manifest])
 
 

@@ -193,7 +193,7 @@ def test_poisoned_volume_cache_file_is_recomputed_not_unpickled(tmp_path: Path, 
     payload is discarded and recomputed."""
     from jointssl.data import SyntheticData, generate_synthetic_data
     from jointssl.data.volume_datasets import CachedVolumes
-    from jointssl.data.volume_io import discover_volumes
+    from jointssl.data.discovery import discover_volumes
 
     synthetic = SyntheticData(root=str(tmp_path / "data"), num_images=0, num_volumes=1, volume_shape=(24, 24, 6))
     generate_synthetic_data(synthetic)

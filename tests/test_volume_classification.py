@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from jointssl.data import BadFileError, DataValidationError, load_volume
+from jointssl.data import DataValidationError, load_volume
 from jointssl.data.volume_io import read_volume
 from jointssl.downstream.pretrained import load_pretrained
 from jointssl.downstream.volume_classification import (
@@ -161,11 +161,11 @@ def test_candidate_errors_name_the_file(tmp_path: Path, candidates_csv: Path) ->
         data.setup("fit")
     missing = tmp_path / "missing.csv"
     missing.write_text("seriesuid,coordX,coordY,coordZ,class\n9.9.9,0,0,0,1\n")
-    with pytest.raises(BadFileError, match="no volume"):
+    with pytest.raises(DataValidationError, match="missing.csv: line 2: no volume '9.9.9'"):
         read_candidates(missing, volume_dir=candidates_csv.parent)
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("seriesuid,x,y,z,class\n1,0,0,0,1\n")
-    with pytest.raises(BadFileError, match="coordX"):
+    with pytest.raises(DataValidationError, match="'coordx'"):
         read_candidates(wrong)
 
 

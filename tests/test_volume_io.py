@@ -16,14 +16,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.discovery import discover_volumes
 from jointssl.data.volume_io import (
     VolumeRecord,
-    discover_volumes,
     infer_modality,
     load_volume,
     read_volume,
-    validate_volumes,
 )
+from jointssl.data.validation import validate_volumes
 from tests.conftest import shared_path
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,14 +409,19 @@ def test_discover_folders_recursively(tmp_path):
 def test_discover_manifest(tmp_path):
     write_nifti(tmp_path / "x.nii.gz", ct_like())
     manifest = tmp_path / "list.csv"
-    manifest.write_text(f"path,modality,source\nx.nii.gz,CT,hospital\n{tmp_path / 'x.nii.gz'},,\n")
+    write_nifti(tmp_path / "y.nii.gz", ct_like())
+    manifest.write_text(f"path,modality,source\nx.nii.gz,CT,hospital\n{tmp_path / 'y.nii.gz'},,\n")
     records = discover_volumes([manifest])
     assert records == [
         VolumeRecord(str(tmp_path / "x.nii.gz"), "hospital", "ct"),
-        VolumeRecord(str(tmp_path / "x.nii.gz"), "list", None),
+        VolumeRecord(str(tmp_path / "y.nii.gz"), "list", None),
     ]
+    # One volume listed twice with other values is a mistake in the manifest (see tests/test_manifest.py).
+    manifest.write_text(f"path,modality,source\nx.nii.gz,CT,hospital\n{tmp_path / 'x.nii.gz'},,\n")
+    with pytest.raises(DataValidationError, match="line 3: path .* is listed again with other values"):
+        discover_volumes([manifest])
     manifest.write_text("path,modality\nx.nii.gz,PET\n")
-    with pytest.raises(BadFileError, match="line 2: modality"):
+    with pytest.raises(DataValidationError, match="line 2: modality"):
         discover_volumes([manifest])
     with pytest.raises(BadFileError, match="does not exist"):
         discover_volumes([tmp_path / "nowhere"])

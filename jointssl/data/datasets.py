@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from jointssl.data.image_io import load_image_2d
-from jointssl.data.sources import ImageRecord
+from jointssl.data.discovery import ImageRecord
 
 Sample = dict[str, Any]
 

@@ -78,7 +78,7 @@ from jointssl.data.manifest import ManifestRow, RowError, read_manifest
 from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files, check_volume_header
 from jointssl.data.geometry import RAS_LABELS, parse_world_frame, voxel_to_world, world_to_voxel
 from jointssl.data.volume_io import WORLD_GEOMETRY_SUFFIXES, read_volume_header, volume_reader
-from jointssl.data.volume_transforms import IMAGE_MEAN, IMAGE_STD
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.common import split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
@@ -292,7 +292,7 @@ class RecordWorldAffined:
 
 def _finalise_transforms() -> list:
     return [
-        NormalizeIntensityd(keys="image", subtrahend=IMAGE_MEAN, divisor=IMAGE_STD),
+        NormalizeIntensityd(keys="image", subtrahend=NORMALIZE_MEAN, divisor=NORMALIZE_STD),
         EnsureTyped(keys=["image", "box"], dtype=torch.float32, track_meta=False),
         EnsureTyped(keys="label", dtype=torch.long, track_meta=False),
     ]

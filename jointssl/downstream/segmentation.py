@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from jointssl.data.discovery import parse_modality
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.intensity import to_encoder_input
 from jointssl.data.manifest import ManifestRow, read_manifest
 from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files
 
@@ -62,7 +63,6 @@ from jointssl.downstream.common import (
     build_slice_encoders,
     check_mode,
     gather_rows_once,
-    normalise_image,
     self_contained_hparams,
     split_by_volume,
 )
@@ -597,7 +597,7 @@ class SlabDataset(Dataset):
             scale = 1.0 + 0.2 * (torch.rand(()) - 0.5)
             shift = 0.2 * (torch.rand(()) - 0.5)
             image = image * scale + shift
-        return {"image": normalise_image(image)[None].contiguous(), "label": label[None].contiguous()}
+        return {"image": to_encoder_input(image)[None].contiguous(), "label": label[None].contiguous()}
 
     def sampling_weights(self, foreground_fraction: float | None) -> Tensor:
         """Per-slab weights so that a draw holds foreground with probability ``foreground_fraction`` (when
@@ -626,7 +626,7 @@ class WholeVolumeDataset(Dataset):
         volume = self.volumes[index]
         label = volume.native_label if self.native_labels else volume.label
         return {
-            "image": normalise_image(volume.image)[None],
+            "image": to_encoder_input(volume.image)[None],
             "label": label.long()[None],
             "path": volume.path,
             "index": index,

@@ -47,6 +47,7 @@ from torchmetrics.functional.classification import (
 
 from jointssl.data.discovery import parse_modality, volumes_by_name
 from jointssl.data.errors import BadFileError
+from jointssl.data.intensity import to_encoder_input
 from jointssl.data.manifest import ManifestRow, RowError, read_manifest
 from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files
 from jointssl.data.geometry import WorldFrame, parse_world_frame, world_to_layout_index
@@ -64,7 +65,6 @@ from jointssl.downstream.common import (
     build_slice_encoders,
     check_mode,
     gather_rows_once,
-    normalise_image,
     self_contained_hparams,
     split_by_volume,
 )
@@ -269,17 +269,6 @@ class Candidate:
     modality: Literal["ct", "mr"] | None = None
 
 
-def _parse_label(row: ManifestRow, column: str) -> int:
-    value = row.text(column)
-    try:
-        label = float(value)
-    except ValueError:
-        raise RowError(f"{column} {value!r} is not an integer class") from None
-    if label < 0 or label != int(label):
-        raise RowError(f"{column} {value!r} is not a class index >= 0")
-    return int(label)
-
-
 def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
     """A whole-volume manifest (:mod:`jointssl.data.manifest`): ``path`` (or ``image``) and ``label`` columns,
     optional ``modality``; relative paths are relative to the manifest. Every bad row is reported in one
@@ -288,7 +277,7 @@ def read_volume_labels(manifest: str | os.PathLike) -> list[LabelledVolume]:
                           what="volume label manifest")
     column = table.column("path", "image")
     return table.parse_all(
-        lambda row: LabelledVolume(row.path(column), _parse_label(row, "label"), parse_modality(row.text("modality")))
+        lambda row: LabelledVolume(row.path(column), row.class_index("label"), parse_modality(row.text("modality")))
     )
 
 
@@ -320,7 +309,7 @@ def read_candidates(candidates: str | os.PathLike, volume_dir: str | os.PathLike
 
     def parse(row: ManifestRow) -> Candidate:
         world = tuple(row.number(c) for c in ("coordx", "coordy", "coordz"))
-        return Candidate(volume_of(row), world, _parse_label(row, label_column),  # type: ignore[arg-type]
+        return Candidate(volume_of(row), world, row.class_index(label_column),  # type: ignore[arg-type]
                          parse_modality(row.text("modality")))
 
     return table.parse_all(parse)
@@ -360,7 +349,7 @@ class ClassificationSamples(Dataset):
             for axis in (1, 2):
                 if torch.rand(()) < 0.5:
                     volume = volume.flip(axis)
-        return {"volume": normalise_image(volume)[:, None].contiguous(), "label": self.labels[index], "index": index}
+        return {"volume": to_encoder_input(volume)[:, None].contiguous(), "label": self.labels[index], "index": index}
 
 
 def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:

@@ -15,7 +15,6 @@ Shared by ``jointssl embed`` (:mod:`jointssl.evaluation.features`) and the onlin
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jointssl.data.image_io import load_image_2d
-from jointssl.data.sources import ImageRecord, discover_images
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
-from jointssl.data.volume_io import VolumeRecord, discover_volumes, load_volume, resize_slices
+from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
+from jointssl.data.manifest import read_manifest
+from jointssl.data.intensity import to_encoder_input
+from jointssl.data.volume_io import VolumeRecord, load_volume, resize_slices
 
 #: Volume loading defaults, as in JointDataModule.
 VOLUME_SLICE_AXIS = "axial"
@@ -47,7 +47,7 @@ def _folder_label(path: str, root: Path) -> str | None:
 
 
 def images_with_labels(sources: Sequence[str]) -> list[tuple[ImageRecord, str | None]]:
-    """Every image of the sources (:func:`jointssl.data.sources.discover_images` order) with its label, or None
+    """Every image of the sources (:func:`jointssl.data.discovery.discover_images` order) with its label, or None
     when it has none (module docstring)."""
     found = []
     for source in sources:
@@ -67,7 +67,7 @@ def labelled_records(sources: list[str]) -> list[tuple[ImageRecord, str]]:
 
 
 def volumes_with_labels(sources: Sequence[str]) -> list[tuple[VolumeRecord, str | None]]:
-    """Every volume of the sources (:func:`jointssl.data.volume_io.discover_volumes` order) with its label: a
+    """Every volume of the sources (:func:`jointssl.data.discovery.discover_volumes` order) with its label: a
     manifest's ``label`` column, or the first sub-folder under a folder source; None otherwise."""
     found = []
     for source in sources:
@@ -83,28 +83,19 @@ def volumes_with_labels(sources: Sequence[str]) -> list[tuple[VolumeRecord, str 
 
 
 def _manifest_labels(manifest: Path) -> dict[str, str]:
-    """path -> label of a volume manifest's rows, paths resolved as discover_volumes resolves them."""
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
+    """path -> label of a volume manifest's rows (:mod:`jointssl.data.manifest`), paths resolved as
+    discover_volumes resolves them; empty without a label column."""
+    table = read_manifest(manifest, required=[("path", "image")], path_key=("path", "image"), what="volume manifest")
+    if table.column("label") is None:
         return {}
-    columns = {c.strip().lower(): c for c in rows[0] if c}
-    path_column, label_column = columns.get("path") or columns.get("image"), columns.get("label")
-    if path_column is None or label_column is None:
-        return {}
-    labels = {}
-    for row in rows:
-        value = (row.get(path_column) or "").strip()
-        if value:
-            path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-            labels[str(path)] = (row.get(label_column) or "").strip()
-    return labels
+    column = table.column("path", "image")
+    return {row.path(column): row.text("label") for row in table.rows if row.text(column)}
 
 
 def normalise(pixels: Tensor) -> Tensor:
     """Intensities in [0, 1] -> the encoder's input range: clamp to [0, 1], then (x - mean) / std with the
-    training normalisation (``jointssl.data.transforms.NORMALIZE_MEAN`` / ``NORMALIZE_STD``)."""
-    return ((pixels.clamp(0, 1) - NORMALIZE_MEAN) / NORMALIZE_STD).contiguous()
+    training normalisation (:func:`jointssl.data.intensity.to_encoder_input`)."""
+    return to_encoder_input(pixels.clamp(0, 1)).contiguous()
 
 
 def preprocess_image(path: str, image_size: int) -> Tensor:
