@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD, MultiCropTransform, blur_kernel_size
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.data.transforms import MultiCropTransform, blur_kernel_size
 
 
 def gradient_image(height: int = 40, width: int = 48) -> torch.Tensor:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from jointssl.data.volume_transforms import IMAGE_MEAN, IMAGE_STD, VolumeViews
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.data.volume_transforms import VolumeViews
 
 NO_AUGMENTATION = {
     "flip_p": 0.0,
@@ -39,7 +40,7 @@ def slice_valued_volume(slices: int, rows=24, cols=24) -> np.ndarray:
 
 
 def unnormalise(views: torch.Tensor) -> torch.Tensor:
-    return views * IMAGE_STD + IMAGE_MEAN
+    return views * NORMALIZE_STD + NORMALIZE_MEAN
 
 
 def test_shapes_dtypes_and_range():
@@ -47,7 +48,7 @@ def test_shapes_dtypes_and_range():
     assert views.shape == (2, 8, 1, 16, 16) and views.dtype == torch.float32
     assert mask.shape == (8,) and mask.dtype == torch.bool and not mask.any()
     assert type(views) is torch.Tensor  # not a MONAI MetaTensor
-    low, high = (0 - IMAGE_MEAN) / IMAGE_STD, (1 - IMAGE_MEAN) / IMAGE_STD
+    low, high = (0 - NORMALIZE_MEAN) / NORMALIZE_STD, (1 - NORMALIZE_MEAN) / NORMALIZE_STD
     assert views.min() >= low - 1e-6 and views.max() <= high + 1e-6
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 
 from jointssl.data.errors import BadFileError
 from jointssl.data.file_checks import folder_problem, require_regular_file
+from jointssl.data.intensity import percentiles_to_unit
 
 PIL_FORMAT_BY_EXTENSION = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
@@ -311,7 +312,7 @@ def _apply_voi(values: np.ndarray, dataset) -> np.ndarray:
         lut_bits = int(dataset.VOILUTSequence[0].LUTDescriptor[2])
         mapped = np.asarray(apply_voi_lut(values, dataset, index=0, prefer_lut=True), dtype=np.float64)
         return np.clip(mapped / float(2**lut_bits - 1), 0.0, 1.0)
-    return percentile_min_max(values)
+    return percentiles_to_unit(values, (0.5, 99.5))  # robust to burned-in markers and padding
 
 
 def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -326,14 +327,3 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
         return (values > center - 0.5).astype(np.float64)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
-
-def percentile_min_max(
-    values: np.ndarray, low_percentile: float = 0.5, high_percentile: float = 99.5
-) -> np.ndarray:
-    """Scale to [0, 1] between two percentiles (robust to burned-in markers and padding); a constant image -> 0."""
-    low, high = np.percentile(values, [low_percentile, high_percentile])
-    if high <= low:
-        low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros_like(values, dtype=np.float64)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)

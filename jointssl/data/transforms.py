@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-# Output normalisation: images are in [0, 1] after decoding; (x - 0.5) / 0.25 centres them and maps the range to
-# [-2, 2]. Fixed constants (not dataset statistics) so that 2D images and volume slices, which are normalised to
-# [0, 1] the same way, share one input distribution for the shared encoder.
-NORMALIZE_MEAN = 0.5
-NORMALIZE_STD = 0.25
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
 
 
 def blur_kernel_size(crop_size: int) -> int:

@@ -61,10 +61,10 @@ from monai.utils import convert_to_tensor
 from jointssl.data.errors import BadFileError
 from jointssl.data.file_checks import display_suffix, has_suffix, require_regular_file
 from jointssl.data.geometry import RAS_AXES_FOR_LAYOUT, RAS_LABELS, SliceAxis
+from jointssl.data.intensity import percentiles_to_unit, window_to_unit
 from jointssl.data.volume_readers import (
     DICOM_SERIES,
     FILE_READERS,
-    NON_SLICE_DICOM_NAMES,  # noqa: F401 - jointssl.data.discovery imports it from here
     MAX_VOXELS,
     MissingReaderError,
     Modality,
@@ -158,9 +158,9 @@ def load_volume(
     raw = read_volume(path, slice_axis, in_plane_size, target_spacing, "linear", min_slices)
     resolved = modality if modality != "auto" else infer_modality(raw)
     if resolved == "ct":
-        normalised = _scale_to_unit(raw.array, *hu_window)
+        normalised = window_to_unit(raw.array, *hu_window)
     else:
-        normalised = _scale_to_unit(raw.array, *_robust_range(raw.array, mr_percentiles))
+        normalised = percentiles_to_unit(raw.array, mr_percentiles)
     return LoadedVolume(
         array=normalised, spacing=raw.spacing, path=raw.path, modality=resolved, notes=raw.notes
     )
@@ -357,22 +357,6 @@ def resize_slices(slices: torch.Tensor, size: int, interpolation: Interpolation 
         # anti_aliasing only acts on an axis that shrinks (one side larger than size, the other smaller).
         resize = Resize(spatial_size=(size, size), mode="bilinear", anti_aliasing=max(rows, cols) > size)
     return convert_to_tensor(resize(slices), track_meta=False)
-
-
-def _scale_to_unit(array: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip to [low, high] and map linearly to [0, 1]."""
-    if not high > low:
-        raise ValueError(f"intensity window must have high > low, got ({low}, {high})")
-    scaled = (np.clip(array, low, high) - low) / (high - low)
-    return scaled.astype(np.float32, copy=False)
-
-
-def _robust_range(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """The percentile range, or the full range when the percentiles coincide (e.g. a mostly-empty volume)."""
-    low, high = (float(v) for v in np.percentile(array, percentiles))
-    if high > low:
-        return low, high
-    return float(array.min()), float(array.max())  # not constant: that was rejected when reading
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 One call takes a volume ``[N, H, W]`` with intensities in [0, 1] (as
 :func:`jointssl.data.volume_io.load_volume` returns it) and returns
 
-* ``views``: ``Tensor[2, num_slices, 1, size, size]``, normalised with ``(x - IMAGE_MEAN) / IMAGE_STD``;
+* ``views``: ``Tensor[2, num_slices, 1, size, size]``, normalised with :func:`jointssl.data.intensity.to_encoder_input`;
 * ``padding_mask``: ``BoolTensor[num_slices]``, True for the zero slices that pad a volume shorter than
   ``num_slices`` (always at the end).
 
@@ -37,12 +37,8 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch.utils.data import get_worker_info
 
+from jointssl.data.intensity import to_encoder_input
 from jointssl.data.volume_io import resize_slices
-
-# Input normalisation of every image fed to the encoder (2D images and volume slices alike); to be unified
-# with the 2D pipeline's constants.
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.25
 
 
 class VolumeViews(Randomizable):
@@ -162,7 +158,7 @@ class VolumeViews(Randomizable):
         slab = volume[self._slab_start : self._slab_start + self.num_slices]
         slab = self._to_square_size(slab)  # [n, size, size], shared by both views
         views = torch.stack([self._augment_one(slab) for _ in range(2)])  # [2, n, size, size]
-        views = (views - IMAGE_MEAN) / IMAGE_STD
+        views = to_encoder_input(views)
         real_slices = views.shape[1]
         padding_mask = torch.zeros(self.num_slices, dtype=torch.bool, device=views.device)
         if real_slices < self.num_slices:

@@ -45,7 +45,7 @@ from torchvision.transforms import v2
 
 from jointssl.data import BadFileError, DataValidationError, ImageRecord, discover_images, load_image_2d
 from jointssl.data.validation import OnBadFile, validate_images
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.common import FrozenPartsMixin, Mode, build_slice_encoders, check_mode, self_contained_hparams
 from jointssl.optim import decay_groups, warmup_cosine_scheduler
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.distributed import all_gather_cat
 from jointssl.downstream.pretrained import load_pretrained
 from jointssl.models import SliceAggregator, SliceEncoder
@@ -161,11 +160,6 @@ def split_by_volume(items: Sequence[Any], val_fraction: float, seed: int) -> tup
     train = [item for i, item in enumerate(items) if i not in chosen]
     val = [item for i, item in enumerate(items) if i in chosen]
     return train, val
-
-
-def normalise_image(unit_intensities: Tensor) -> Tensor:
-    """[0, 1] intensities -> the encoder's input scale (the pretraining pipeline's fixed constants)."""
-    return (unit_intensities - NORMALIZE_MEAN) / NORMALIZE_STD
 
 
 def gather_rows_once(local_rows: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from jointssl.checkpointing import write_atomic
-from jointssl.data.transforms import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.downstream.pretrained import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
