@@ -82,16 +82,25 @@ def _current_umask() -> int:
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write via ``write(temporary path)`` in the same folder, then rename over ``path`` (atomic on POSIX).
+    """Write via ``write(temporary path)`` in the same folder (created if needed), then rename over ``path``:
+    readers see the old content or all of the new, also if the process dies or the machine loses power (the data
+    is synced to disk before the rename). Every non-checkpoint file jointssl writes goes through here.
 
     The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask), set explicitly:
     mkstemp creates it 0600, and so does safetensors' ``save_file`` (whatever the umask), which would hide exports
     and reports from colleagues on a shared cluster."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(descriptor)
     try:
         write(Path(temporary))
         os.chmod(temporary, 0o666 & ~_current_umask())
+        synced = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(synced)
+        finally:
+            os.close(synced)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -36,6 +36,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from jointssl.checkpointing import write_atomic
+
 log = logging.getLogger("jointssl")
 
 #: File in the experiment directory that holds the W&B run id of the experiment.
@@ -161,7 +163,7 @@ class ExperimentWandbLogger(WandbLogger):
             log.info("W&B: continuing run %s recorded in %s", recorded, self.run_id_file)
             return recorded
         run_id = self._requested_run_id or new_run_id()
-        _write_atomically(self.run_id_file, run_id + "\n")
+        write_atomic(self.run_id_file, lambda temporary: temporary.write_text(run_id + "\n"))
         log.info("W&B: new run %s, id recorded in %s", run_id, self.run_id_file)
         return run_id
 
@@ -309,7 +311,8 @@ class ExperimentConfigCallback(SaveConfigCallback):
                     f"{config_path} exists: another run used this experiment directory (pass "
                     "save_config_kwargs={'overwrite': True} to LightningCLI to replace it)"
                 )
-            _write_atomically(config_path, yaml.safe_dump(self.resolved_config(), sort_keys=False))
+            text = yaml.safe_dump(self.resolved_config(), sort_keys=False)
+            write_atomic(config_path, lambda temporary: temporary.write_text(text))
             self.save_config(trainer, pl_module, stage)
         # Every rank leaves setup knowing the config was recorded (a second `fit` in the process skips it).
         self.already_saved = trainer.strategy.broadcast(True)
@@ -395,13 +398,3 @@ def _check_run_id(run_id: str, where: str) -> None:
     if not _RUN_ID_PATTERN.match(run_id):
         raise ValueError(f"{where}: {run_id!r} is not a W&B run id (letters, digits, '-', '_'; at most 128)")
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old content or the new one, never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)

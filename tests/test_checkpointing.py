@@ -150,3 +150,19 @@ def test_the_plugin_replaces_only_lightnings_default(tmp_path: Path):
     custom = Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path, plugins=[Custom()])
     assert not install_atomic_checkpoint_io(custom)
     assert type(custom.strategy.checkpoint_io) is Custom
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_none_on_failure(tmp_path: Path):
+    target = tmp_path / "new" / "folder" / "report.json"
+    checkpointing.write_atomic(target, lambda temporary: temporary.write_text("first"))
+    assert target.read_text() == "first"
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~checkpointing._current_umask())
+
+    def fail(temporary: Path) -> None:
+        temporary.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpointing.write_atomic(target, fail)
+    assert target.read_text() == "first"  # the old content, whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary left behind
