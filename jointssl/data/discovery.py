@@ -64,7 +64,8 @@ class SourceScan:
     VolumeRecord), ``problems`` (manifest rows and source files that cannot be used, each naming the manifest and
     line, or the file), ``notes`` ((path, text) on links not followed, repeated manifest rows, empty manifests),
     ``ignored`` (files in volume folders that are not volumes) and ``origins`` ("<manifest> line <n>" of each
-    record a manifest listed)."""
+    volume a manifest listed, for check-data to trace a volume that fails to load back to its row; an image
+    manifest's rows are checked for their files while it is read)."""
 
     records: list = field(default_factory=list)
     problems: list[BadFileError] = field(default_factory=list)
@@ -150,7 +151,6 @@ def _image_manifest(manifest: Path, scan: SourceScan) -> None:
         if not os.path.isfile(path):
             state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
             raise RowError(f"{row.text('path')!r} {state} (resolved to {path})")
-        scan.origins.setdefault(path, f"{manifest} line {row.line}")
         return ImageRecord(path=path, source=row.text("source") or manifest.stem, label=row.text("label") or None)
 
     records, problems = table.parse(parse)
