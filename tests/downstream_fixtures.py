@@ -1,4 +1,5 @@
-"""Shared fixtures of the downstream tests: a tiny JointSSL pretraining checkpoint, built once per session.
+"""Shared fixtures and helpers of the downstream tests: a tiny JointSSL pretraining checkpoint, built once per
+session, and the check that a validation run left its pictures.
 
 Registered in tests/conftest.py (`pytest_plugins`): a test takes ``pretrained_checkpoint: Path`` as an argument.
 """
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from lightning.pytorch import Trainer, seed_everything
+from PIL import Image
 
 from jointssl.data import JointDataModule, SyntheticData
 from jointssl.pretrain import JointSSL
@@ -69,3 +72,15 @@ def pretrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny JointSSL checkpoint (``encoder.*``, ``aggregator.*``, hyper-parameters, format version)."""
     return make_pretrained_checkpoint(tmp_path_factory.mktemp("pretrained"))
 
+
+
+def saved_figures(root: Path, name: str) -> list[Path]:
+    """The PNG files of figure ``name`` that a run with ``default_root_dir=root`` and no W&B logger saved
+    (``<root>/checkpoints/figures/<name>_epoch<NNN>.png``), each checked to be an image with something drawn on
+    it (not a single colour)."""
+    files = sorted((root / "checkpoints" / "figures").glob(f"{name}_epoch*.png"))
+    for path in files:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"), dtype=np.float32)
+        assert min(pixels.shape) >= 100 and pixels.std() > 1.0, path
+    return files

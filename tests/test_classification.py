@@ -19,8 +19,10 @@ from PIL import Image
 from jointssl.cli import JointSSLCLI
 from jointssl.data import DataValidationError
 from jointssl.downstream import ImageClassificationData, ImageClassifier
-from jointssl.downstream.classification import classification_metrics, group_of, stratified_group_split
+from jointssl.downstream.classification.data import group_of, stratified_group_split
+from jointssl.downstream.classification.metrics import classification_metrics
 from tests.conftest import REPO_ROOT, shared_path
+from tests.downstream_fixtures import saved_figures
 
 KERMANY_PATIENT = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
 TINY = {"backbone": "test_resnet", "d_model": 16}
@@ -98,9 +100,11 @@ def test_multiclass_trains_from_random_init_with_balanced_weights(tmp_path: Path
         assert abs((total - train_count) - total / 4) <= 1
     for name in ("val/auroc", "val/accuracy", "val/f1", "val/loss"):
         assert torch.isfinite(trainer.callback_metrics[name]), name
+    assert [p.name for p in saved_figures(tmp_path, "roc")] == [f"roc_epoch{e:03d}.png" for e in range(3)]
     predictions = trainer.predict(model, datamodule=data)
-    probabilities = torch.cat(predictions)
+    probabilities = torch.cat([batch["probabilities"] for batch in predictions])
     assert probabilities.shape == (len(data.val_paths), 3)
+    assert [path for batch in predictions for path in batch["paths"]] == data.val_paths
     assert torch.allclose(probabilities.sum(1), torch.ones(len(probabilities)))
 
 

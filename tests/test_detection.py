@@ -15,8 +15,7 @@ from timm.layers import SEModule
 from torch import nn
 
 from jointssl.data.errors import DataValidationError
-from jointssl.downstream.detection import NoduleDetector, ScanDetections, gather_scan_detections
-from jointssl.downstream.detection_data import (
+from jointssl.downstream.detection.data import (
     DetectionDataset,
     NoduleDetectionDataModule,
     SyntheticNoduleCT,
@@ -27,8 +26,10 @@ from jointssl.downstream.detection_data import (
     write_candidates_csv,
     write_synthetic_nodule_ct,
 )
-from jointssl.downstream.detection_metrics import detection_metrics, froc_from_matches, match_detections
+from jointssl.downstream.detection.metrics import detection_metrics, froc_from_matches, match_detections
+from jointssl.downstream.detection.module import NoduleDetector, ScanDetections, gather_scan_detections
 from jointssl.downstream.inflate import InflationError, inflate_to_3d, reorient_kernel
+from tests.downstream_fixtures import saved_figures
 
 SHAPE, SPACING = (48, 48, 32), (1.5, 1.5, 2.0)
 TINY_DETECTOR = {
@@ -279,6 +280,7 @@ def test_fit_and_validate_on_synthetic_ct(tmp_path: Path, synthetic_ct: Syntheti
     for key in ["val/froc_cpm", *(f"val/sensitivity_fp{r}" for r in rates), "val/AP_IoU_0.10_MaxDet_100"]:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["val/froc_cpm"] == pytest.approx(np.mean([metrics[f"val/sensitivity_fp{r}"] for r in rates]))
+    assert [p.name for p in saved_figures(tmp_path, "froc")] == ["froc_epoch000.png"]  # the validation's FROC curve
 
 
 def test_duplicated_validation_scans_count_once() -> None:

@@ -23,9 +23,11 @@ from jointssl.downstream.segmentation import (
     load_pair,
     pair_folders,
     read_pairs_manifest,
+    to_source_order,
 )
 from jointssl.models import SliceAggregator, SliceEncoder
 from tests.conftest import shared_path
+from tests.downstream_fixtures import saved_figures
 
 TINY = {"backbone": "test_resnet", "d_model": 32, "decoder_channels": [32, 16, 16, 8, 8]}
 TINY_AGGREGATOR = {"num_layers": 1, "num_heads": 4, "ffn_dim": 32}
@@ -194,6 +196,37 @@ def test_labels_are_mapped_and_resized_with_nearest_neighbours(tmp_path: Path) -
         load_pair(SegmentationPair(image, fractional), in_plane_size=8)
 
 
+def oblique_affine() -> np.ndarray:
+    """Voxel -> RAS with permuted and flipped axes, anisotropic voxels, a 20-degree tilt and an offset: no axis of
+    the file is the layout's, so only an exact inverse of the slice layout puts labels back where they were."""
+    angle = np.deg2rad(20.0)
+    tilt = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    permute_flip = np.array([[0, -1, 0], [0, 0, 1], [-1, 0, 0]], dtype=float)  # file i, j, k -> -A, S, -R ...
+    affine = np.eye(4)
+    affine[:3, :3] = tilt @ permute_flip @ np.diag([0.8, 1.3, 2.5])
+    affine[:3, 3] = [12.0, -30.0, 7.5]
+    return affine
+
+
+@pytest.mark.parametrize("slice_axis", ["axial", "coronal", "sagittal"])
+def test_labels_map_back_to_the_source_voxel_order(tmp_path: Path, slice_axis: str) -> None:
+    rng = np.random.default_rng(3)
+    shape = (14, 11, 9)
+    affine = oblique_affine()
+    values = np.zeros(shape, np.uint8)
+    values[2:6, 1:4, 3:8] = 1
+    values[9:13, 6:10, 0:2] = 2  # asymmetric blocks: any wrong flip or permutation moves them
+    image = write_nifti(tmp_path / "img.nii.gz", rng.normal(size=shape).astype(np.float32), affine)
+    label = write_nifti(tmp_path / "lab.nii.gz", values, affine)
+    volume = load_pair(SegmentationPair(image, label), in_plane_size=8, slice_axis=slice_axis)
+    assert volume.native_label.shape != shape  # the layout is not the file's order here
+    source = to_source_order(volume.native_label.numpy(), image, slice_axis)
+    np.testing.assert_array_equal(source, values)
+    npy = tmp_path / "img.npy"
+    np.save(npy, values)  # .npy: H x W x D, slices along the last axis
+    np.testing.assert_array_equal(to_source_order(np.moveaxis(values, 2, 0), str(npy), slice_axis), values)
+
+
 def test_pairs_from_folders_and_manifest(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -245,15 +278,17 @@ def test_brain_tumour_trains_and_is_evaluated_on_whole_volumes(brain_data: Segme
     assert torch.isfinite(metrics["train/loss"])
     assert 0.0 <= metrics["val/dice_tumour"] <= 1.0
     assert metrics["val/dice"] == metrics["val/dice_tumour"]
+    assert len(saved_figures(tmp_path, "overlay")) == 1  # slices of the validation volume, label and prediction
     assert any(not torch.equal(a, b) for a, b in zip(before, model.net.encoder.backbone.parameters()))
-    # Whole-volume prediction on the label's native grid, reproducing the logged Dice.
+    # Whole-volume prediction on the label's native grid, in the source file's voxel order, reproducing the Dice.
     [outputs] = fit.predict(model, datamodule=brain_data)
     val_volume = brain_data.val_volumes[0]
-    prediction = outputs[0]["prediction"]
-    assert prediction.shape == val_volume.native_label.shape
+    assert outputs[0]["path"] == val_volume.path
+    labels = torch.as_tensor(outputs[0]["labels"])
     label_file = next(p.label for p in read_pairs_manifest(shared_path("volumes", "pairs.csv")) if p.image == val_volume.path)
-    assert sorted(prediction.shape) == sorted(nib.load(label_file).shape)  # the file's own grid, reoriented
-    expected = dice_per_class(prediction[None, None].long(), val_volume.native_label[None, None].long(), 2)
+    label_array = np.asarray(nib.load(label_file).dataobj)
+    assert labels.shape == label_array.shape  # the file's own grid and axis order
+    expected = dice_per_class(labels[None, None].long(), torch.from_numpy(label_array > 0)[None, None].long(), 2)
     assert metrics["val/dice"].item() == pytest.approx(expected.item(), abs=1e-6)
 
 

@@ -15,15 +15,10 @@ from lightning.pytorch import Trainer, seed_everything
 from jointssl.data import DataValidationError, load_volume
 from jointssl.data.volume_io import read_volume
 from jointssl.downstream.pretrained import load_pretrained
-from jointssl.downstream.volume_classification import (
-    VolumeClassificationData,
-    VolumeClassifier,
-    collate_padded,
-    cut_slab,
-    read_candidates,
-    world_to_layout_index,
-)
+from jointssl.downstream.volume_classification import VolumeClassificationData, VolumeClassifier, read_candidates
+from jointssl.downstream.volume_classification.data import collate_padded, cut_slab, world_to_layout_index
 from tests.conftest import shared_path
+from tests.downstream_fixtures import saved_figures
 
 TINY = {
     "backbone": "test_resnet",
@@ -193,6 +188,7 @@ def test_classifier_trains_on_candidates(candidate_data: VolumeClassificationDat
     assert 0.0 <= metrics["val/auroc"] <= 1.0 and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert torch.isfinite(metrics["val/loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))
+    assert len(saved_figures(tmp_path, "roc")) == 1
 
 
 def hand_auroc(scores: list[float], labels: list[int]) -> float:

@@ -1,9 +1,15 @@
-"""Downstream tasks on pretrained jointssl encoders: loading and exporting weights, and task modules."""
+"""Downstream tasks on pretrained jointssl encoders: loading and exporting weights, the task base
+(:class:`DownstreamTask`) and one package per task (network, module, data, metrics)."""
 
+from jointssl.downstream.base import DownstreamTask
 from jointssl.downstream.classification import ImageClassificationData, ImageClassifier
-from jointssl.downstream.detection import NoduleDetector
-from jointssl.downstream.detection_data import NoduleDetectionDataModule, write_synthetic_nodule_ct
-from jointssl.downstream.detection_metrics import FROC_FP_RATES, detection_metrics
+from jointssl.downstream.detection import (
+    FROC_FP_RATES,
+    NoduleDetectionDataModule,
+    NoduleDetector,
+    detection_metrics,
+    write_synthetic_nodule_ct,
+)
 from jointssl.downstream.export import ExportError, export_pretrained
 from jointssl.downstream.inflate import InflationError, inflate_to_3d
 from jointssl.downstream.pretrained import PretrainedLoadError, PretrainedWeights, load_pretrained
@@ -12,6 +18,7 @@ from jointssl.downstream.volume_classification import VolumeClassificationData, 
 
 __all__ = [
     "FROC_FP_RATES",
+    "DownstreamTask",
     "ExportError",
     "ImageClassificationData",
     "ImageClassifier",

@@ -121,6 +121,28 @@ def sensitivity_at(rate: float, fps: np.ndarray, sensitivity: np.ndarray) -> flo
     return float(sensitivity[last] + fraction * (sensitivity[last + 1] - sensitivity[last]))
 
 
+def evaluate_detections(
+    pred_boxes: Sequence[np.ndarray],
+    pred_scores: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    iou_threshold: float = 0.1,
+    max_detections: int = 100,
+    fp_rates: Sequence[float] = FROC_FP_RATES,
+) -> tuple[dict[str, float], FROCCurve]:
+    """:func:`detection_metrics` and the FROC curve they were read from (for the FROC picture)."""
+    coco = COCOMetric(classes=["nodule"], iou_list=[iou_threshold], max_detection=[max_detections], verbose=False)
+    matches = match_detections(pred_boxes, pred_scores, gt_boxes, coco.iou_thresholds, max_detections)
+    iou_index = int(np.flatnonzero(np.isclose(coco.iou_thresholds, iou_threshold))[0])
+    froc = froc_from_matches(matches, num_scans=len(gt_boxes), iou_index=iou_index, fp_rates=fp_rates)
+    metrics = {"froc_cpm": froc.cpm}
+    metrics.update({f"sensitivity_fp{rate:g}": float(s) for rate, s in zip(froc.fp_rates, froc.sensitivity_at_rates)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # COCOMetric divides by zero (and warns) when there are no detections
+        coco_values = coco(matches)[0]
+    metrics.update({k: float(v) for k, v in coco_values.items() if not k.startswith("nodule_")})
+    return metrics, froc
+
+
 def detection_metrics(
     pred_boxes: Sequence[np.ndarray],
     pred_scores: Sequence[np.ndarray],
@@ -134,14 +156,4 @@ def detection_metrics(
     Keys: ``froc_cpm``, ``sensitivity_fp{rate}`` for each rate, and COCOMetric's ``AP_IoU_{t}_MaxDet_{m}``,
     ``AR_...``, ``mAP_IoU_{t}_0.50_0.05_...``, ``mAR_...`` (the tutorial's validation metrics).
     """
-    coco = COCOMetric(classes=["nodule"], iou_list=[iou_threshold], max_detection=[max_detections], verbose=False)
-    matches = match_detections(pred_boxes, pred_scores, gt_boxes, coco.iou_thresholds, max_detections)
-    iou_index = int(np.flatnonzero(np.isclose(coco.iou_thresholds, iou_threshold))[0])
-    froc = froc_from_matches(matches, num_scans=len(gt_boxes), iou_index=iou_index, fp_rates=fp_rates)
-    metrics = {"froc_cpm": froc.cpm}
-    metrics.update({f"sensitivity_fp{rate:g}": float(s) for rate, s in zip(froc.fp_rates, froc.sensitivity_at_rates)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # COCOMetric divides by zero (and warns) when there are no detections
-        coco_values = coco(matches)[0]
-    metrics.update({k: float(v) for k, v in coco_values.items() if not k.startswith("nodule_")})
-    return metrics
+    return evaluate_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold, max_detections, fp_rates)[0]

@@ -15,114 +15,35 @@ the FPN and the heads only: the detection analogue of a linear probe.
 
 Validation runs the detector on whole volumes and logs, over all validation scans (gathered across ranks),
 ``val/froc_cpm`` (mean sensitivity at 1/8 .. 8 FPs per scan), ``val/sensitivity_fp{rate}`` and MONAI's COCO
-``val/AP_IoU_0.10_MaxDet_100`` etc. (:mod:`jointssl.downstream.detection_metrics`).
+``val/AP_IoU_0.10_MaxDet_100`` etc. (:mod:`jointssl.downstream.detection.metrics`), and draws the FROC curve
+(``froc`` figure). Prediction gives each scan's candidates in world millimetres (written as a LUNA16 submission CSV
+by the prediction writer).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import timm
 import torch
-from lightning.pytorch import LightningModule
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
-from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torch import Tensor, nn
 
+from jointssl.callbacks.figures import froc_figure
 from jointssl.distributed import all_gather_cat, rank
-from jointssl.downstream.common import FrozenPartsMixin, Mode, check_mode, self_contained_hparams
-from jointssl.downstream.detection_data import boxes_to_world
-from jointssl.downstream.detection_metrics import FROC_FP_RATES, detection_metrics
-from jointssl.downstream.inflate import InflationRule, inflate_to_3d, reinitialise_convolutions
-from jointssl.downstream.pretrained import load_pretrained
+from jointssl.downstream.base import DownstreamTask, Mode, check_mode
+from jointssl.downstream.detection.data import boxes_to_world
+from jointssl.downstream.detection.metrics import FROC_FP_RATES, evaluate_detections
+from jointssl.downstream.detection.network import build_feature_extractor
+from jointssl.downstream.inflate import InflationRule
 
 log = logging.getLogger("jointssl.downstream")
-
-# Stages below this reduction are the stem (as in jointssl.models.slice_encoder).
-_MIN_STAGE_REDUCTION = 4
-
-
-class ResNetFPN3d(nn.Module):
-    """Inflated ResNet stages + MONAI FPN: ``[B, 1, X, Y, Z]`` -> ordered dict of ``out_channels`` feature maps.
-
-    ``body`` keeps the timm module names (``conv1``, ``bn1``, ..., ``layer2``), so ``body.<name>`` tensors
-    correspond one to one to ``backbone.<name>`` tensors of the 2D slice encoder.
-    """
-
-    def __init__(self, body: nn.ModuleDict, return_names: Sequence[str], in_channels: Sequence[int],
-                 out_channels: int) -> None:
-        super().__init__()
-        self.body = body
-        self.return_names = list(return_names)
-        self.fpn = FeaturePyramidNetwork(
-            spatial_dims=3, in_channels_list=list(in_channels), out_channels=out_channels,
-            extra_blocks=LastLevelMaxPool(3),
-        )
-        self.out_channels = out_channels  # RetinaNet reads this attribute
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features: OrderedDict[str, Tensor] = OrderedDict()
-        for name, stage in self.body.items():
-            x = stage(x)
-            if name in self.return_names:
-                features[name] = x
-        return self.fpn(features)
-
-
-def _first_strided_conv_stride(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and max(module.stride) > 1:
-            return int(module.stride[0])
-    raise ValueError("the backbone has no strided convolution")
-
-
-def build_feature_extractor(
-    backbone_2d: nn.Module,
-    returned_layers: Sequence[int],
-    fpn_channels: int,
-    inflation: InflationRule,
-    stem_depth_stride: int,
-    reinitialise: bool,
-) -> tuple[ResNetFPN3d, tuple[int, int, int]]:
-    """Inflate a timm ``features_only`` ResNet (2D, left untouched) into a 3D ResNet-FPN.
-
-    Returns the feature extractor and its ``size_divisible`` (input sizes must be multiples of it: the stride of
-    the extra pooled FPN level, per axis).
-    """
-    info = backbone_2d.feature_info
-    names, reductions, channels = info.module_name(), info.reduction(), info.channels()
-    stages = [i for i, r in enumerate(reductions) if r >= _MIN_STAGE_REDUCTION]
-    if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > len(stages):
-        raise ValueError(f"returned_layers must be stage numbers in 1..{len(stages)}, got {list(returned_layers)}")
-    if sorted(set(returned_layers)) != list(returned_layers):
-        raise ValueError(f"returned_layers must be increasing and distinct, got {list(returned_layers)}")
-    positions = [stages[k - 1] for k in returned_layers]
-    return_names = [names[p] for p in positions]
-    if any(name not in backbone_2d for name in return_names):
-        raise ValueError(f"{type(backbone_2d).__name__}: feature stages {return_names} are not top-level modules; "
-                         "a timm ResNet created with features_only=True is expected")
-    inflated = inflate_to_3d(backbone_2d, inflation, stem_depth_stride)
-    if reinitialise:
-        reinitialise_convolutions(inflated)
-    body = nn.ModuleDict()
-    for name, module in inflated.items():  # timm's FeatureListNet is an ordered ModuleDict of top-level stages
-        body[name] = module
-        if name == return_names[-1]:
-            break
-    extractor = ResNetFPN3d(body, return_names, [channels[p] for p in positions], fpn_channels)
-    in_plane = 2 * reductions[positions[-1]]
-    first_stride = _first_strided_conv_stride(backbone_2d)
-    depth = in_plane * stem_depth_stride / first_stride
-    if depth != int(depth) or depth < 1:
-        raise ValueError(f"stem_depth_stride {stem_depth_stride} does not divide the stem stride {first_stride}")
-    return extractor, (in_plane, in_plane, int(depth))
 
 
 class ScanDetections(NamedTuple):
@@ -169,7 +90,7 @@ def _rows_of(rows: np.ndarray, origin: tuple[float, float, float]) -> np.ndarray
     return rows[np.all(rows[:, :3] == np.asarray(origin), axis=1), 3:]
 
 
-class NoduleDetector(FrozenPartsMixin, LightningModule):
+class NoduleDetector(DownstreamTask):
     """3D RetinaNet nodule detector (MONAI) with a backbone inflated from the pretrained 2D slice encoder.
 
     Args:
@@ -191,7 +112,8 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
         cls_loss_weight: weight of the classification loss against the box regression loss.
         iou_threshold: IoU for a detection to hit a nodule (tutorial: 0.1).
         fp_rates: FPs per scan at which the FROC sensitivity is reported.
-        lr, momentum, weight_decay: SGD with Nesterov momentum (tutorial: 1e-2, 0.9, 3e-5).
+        lr, momentum, weight_decay: SGD with Nesterov momentum (tutorial: 1e-2, 0.9, 3e-5); see
+            :meth:`configure_optimizers` for why detection keeps the tutorial's optimiser.
         warmup_epochs, lr_step_epochs, lr_gamma: linear warm-up, then the lr is multiplied by ``lr_gamma`` every
             ``lr_step_epochs`` epochs (tutorial: 10, 150, 0.1).
     """
@@ -233,15 +155,10 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
             raise ValueError(f"base_anchor_shapes must be (x, y, z) voxel sizes, got {base_anchor_shapes}")
         self.save_hyperparameters()
         if pretrained is not None:
-            weights = load_pretrained(pretrained)
-            if weights.architecture["backbone"] != backbone:
-                log.info("nodule detector: backbone %s from %s (overrides %s)", weights.architecture["backbone"],
-                         pretrained, backbone)
-            backbone = weights.architecture["backbone"]
-            backbone_2d = weights.slice_encoder().backbone
-            # A checkpoint of this module holds every weight: `load_from_checkpoint` rebuilds it without the
-            # pretraining file.
-            self.hparams.update(self_contained_hparams(self.hparams, {"backbone": backbone}))
+            # The architecture comes from the file (`backbone` is overridden), and the hyper-parameters become
+            # self-contained: `load_from_checkpoint` rebuilds the module without the pretraining file.
+            encoder, _ = self.build_pretrained(pretrained, backbone, None)
+            backbone_2d = encoder.backbone
         else:
             backbone_2d = timm.create_model(backbone, features_only=True, in_chans=1)
         feature_extractor, self.size_divisible = build_feature_extractor(
@@ -274,11 +191,13 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
             self.detector.set_sliding_window_inferer(
                 roi_size=list(val_patch_size), overlap=sw_overlap, sw_batch_size=1, mode="constant"
             )
-        self.frozen_parts: list[nn.Module] = []
-        if mode == "linear":
-            # Frozen BatchNorm statistics stay those of the pretrained encoder.
-            self.freeze_parts([self.backbone])
+        # Linear mode: the frozen BatchNorm statistics stay those of the pretrained encoder.
+        self.freeze_pretrained()
         self._val_scans: list[ScanDetections] = []  # this rank's validation scans, on the CPU
+
+    @property
+    def pretrained_parts(self) -> list[nn.Module]:
+        return [self.backbone]
 
     @property
     def backbone(self) -> nn.ModuleDict:
@@ -324,7 +243,7 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
         self._val_scans = []
         if not scans:
             return
-        metrics = detection_metrics(
+        metrics, froc = evaluate_detections(
             pred_boxes=[s.boxes for s in scans],
             pred_scores=[s.scores for s in scans],
             gt_boxes=[s.gt_boxes for s in scans],
@@ -335,11 +254,15 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
         # Every rank computed the same numbers from the gathered scans: no further reduction.
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "froc_cpm")
+        if np.isfinite(froc.cpm):
+            self.draw_figure("froc", lambda: froc_figure(
+                froc.fps_per_scan, froc.sensitivity, fp_rates=froc.fp_rates, sensitivity_at_rates=froc.sensitivity_at_rates,
+            ))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per scan: ``seriesuid``; ``boxes`` ``[n, 6]`` (voxels of the RAS-oriented, resampled volume);
         ``scores`` ``[n]``; ``centers`` ``[n, 3]`` and ``diameters`` ``[n]`` in world millimetres of the annotations'
-        frame (write a LUNA16 submission with ``detection_data.write_candidates_csv``)."""
+        frame (the prediction writer writes them as a LUNA16 submission CSV)."""
         predictions = []
         for output, uid, affine in zip(self._detect(batch["images"]), batch["seriesuids"], batch["world_affines"]):
             boxes = output[self.detector.target_box_key].detach().double().cpu().numpy().reshape(-1, 6)
@@ -354,6 +277,14 @@ class NoduleDetector(FrozenPartsMixin, LightningModule):
         return predictions
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """SGD with Nesterov momentum, linear warm-up over ``warmup_epochs`` then a step decay per epoch: MONAI's
+        LUNA16 RetinaNet recipe (``luna16_training.py``: ``SGD(lr=1e-2, momentum=0.9, weight_decay=3e-5,
+        nesterov=True)``, ``StepLR(step_size=150, gamma=0.1)`` after a ``GradualWarmupScheduler`` of 10 epochs),
+        not the family's AdamW + cosine (:class:`~jointssl.downstream.base.DownstreamTask`). The reason is the
+        evidence: the tutorial's FROC results, which this task is compared against, were obtained with this
+        schedule, and its anchors, ATSS matcher, hard-negative sampler and GroupNorm heads were tuned under it;
+        an AdamW recipe would be a different, unvalidated detector. Parameters that do not require gradients
+        (a frozen backbone in linear mode) are left out."""
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             parameters, lr=self.hparams.lr, momentum=self.hparams.momentum,

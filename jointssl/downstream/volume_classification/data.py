@@ -1,10 +1,7 @@
-"""Volume classification with f_intra + f_inter: whole-volume labels, or LUNA16-style candidate slabs.
+"""Data of volume classification (:class:`VolumeClassificationData`): whole-volume labels, or LUNA16-style
+candidate slabs.
 
-The classifier (:class:`VolumeClassifier`) embeds every slice with the pretrained slice encoder f_intra, aggregates
-the slice embeddings with the slice aggregator f_inter, pools them into the volume feature
-Z = L2norm(mean of the tokens) exactly as in pretraining, and classifies Z with a linear head.
-
-Data (:class:`VolumeClassificationData`) comes in two kinds:
+Data comes in two kinds:
 
 * a whole-volume manifest (``path,label[,modality]``): each volume, resized in-plane, with all its slices (or
   resampled along the slice axis down to ``max_slices``); ragged batches carry a padding mask.
@@ -36,21 +33,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
-from torch import Tensor, nn
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_auroc,
-)
 
 from jointssl.data.discovery import parse_modality, volumes_by_name
 from jointssl.data.errors import BadFileError
+from jointssl.data.geometry import WorldFrame, parse_world_frame, world_to_layout_index
 from jointssl.data.intensity import to_encoder_input
 from jointssl.data.manifest import ManifestRow, RowError, read_manifest
 from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy, check_files
-from jointssl.data.geometry import WorldFrame, parse_world_frame, world_to_layout_index
 from jointssl.data.volume_io import (
     WORLD_GEOMETRY_SUFFIXES,
     ModalityChoice,
@@ -58,165 +50,9 @@ from jointssl.data.volume_io import (
     load_volume,
     read_volume_header,
 )
-from jointssl.downstream.common import (
-    FrozenPartsMixin,
-    Mode,
-    adamw_with_cosine,
-    build_slice_encoders,
-    check_mode,
-    gather_rows_once,
-    self_contained_hparams,
-    split_by_volume,
-)
+from jointssl.downstream.base import split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
-
-
-# ----------------------------------------------------------------------------------------------------
-# LightningModule
-
-
-class VolumeClassifier(FrozenPartsMixin, LightningModule):
-    """f_intra + f_inter + pooling + a linear head, for volumes or candidate slabs.
-
-    Args:
-        num_classes: 2 for a binary task (AUROC of class 1's probability), more for multi-class (macro AUROC).
-        pretrained: a jointssl pretraining checkpoint or export folder; None = random initialisation from
-            ``backbone``, ``d_model`` and ``aggregator`` (SliceAggregator keyword arguments besides d_model).
-        mode: "finetune" trains everything; "linear" freezes f_intra and f_inter (eval mode) and trains the head.
-        lr, pretrained_lr_scale, weight_decay: AdamW with cosine decay; f_intra/f_inter train at
-            ``lr * pretrained_lr_scale``.
-        class_weights: cross-entropy weight per class (e.g. against LUNA16's ~1:500 imbalance); None = equal.
-        slice_chunk_size, checkpoint_slices: slices per encoder pass and activation checkpointing (memory).
-    """
-
-    def __init__(
-        self,
-        num_classes: int = 2,
-        pretrained: str | None = None,
-        backbone: str = "resnet50",
-        d_model: int = 640,
-        aggregator: dict[str, Any] | None = None,
-        mode: Mode = "finetune",
-        lr: float = 1e-3,
-        pretrained_lr_scale: float = 1.0,
-        weight_decay: float = 1e-4,
-        class_weights: list[float] | None = None,
-        slice_chunk_size: int = 64,
-        checkpoint_slices: bool = False,
-    ) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (2 = binary), got {num_classes}")
-        check_mode(mode)
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights needs {num_classes} values, got {class_weights}")
-        self.save_hyperparameters()
-        self.encoder, self.aggregator, self.architecture = build_slice_encoders(
-            pretrained, backbone, d_model, aggregator, with_aggregator=True
-        )
-        self.hparams.update(self_contained_hparams(self.hparams, self.architecture))
-        # Only masked pretraining uses the mask token; DDP must not wait for its gradient.
-        self.aggregator.mask_token.requires_grad_(False)
-        self.head = nn.Linear(self.architecture["d_model"], num_classes)
-        self.frozen_parts: list[nn.Module] = []
-        if mode == "linear":
-            self.freeze_parts([self.encoder, self.aggregator])
-        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("class_weights", weights, persistent=False)
-        self._val_rows: list[Tensor] = []
-
-    def setup(self, stage: str) -> None:
-        max_class = getattr(self.trainer.datamodule, "max_class_index", None)
-        if max_class is not None and max_class >= self.hparams.num_classes:
-            raise ValueError(f"the labels hold class {max_class} but num_classes is {self.hparams.num_classes}")
-
-    def volume_features(self, volumes: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Z = L2norm(mean of f_inter's tokens of the real slices): ``[B, N, 1, H, W]`` -> ``[B, d_model]``."""
-        if volumes.ndim != 5 or volumes.shape[2] != 1:
-            raise ValueError(f"expected volumes [batch, slices, 1, height, width], got {tuple(volumes.shape)}")
-        batch, num_slices = volumes.shape[:2]
-        real = (
-            ~padding_mask
-            if padding_mask is not None
-            else torch.ones(batch, num_slices, dtype=torch.bool, device=volumes.device)
-        )
-        # Only real slices are encoded: padding would waste compute and pollute BatchNorm's batch statistics.
-        embeddings = self.encoder.forward_chunked(
-            volumes[real], self.hparams.slice_chunk_size, checkpoint=self.hparams.checkpoint_slices
-        )
-        tokens_in = embeddings.new_zeros(batch, num_slices, embeddings.shape[-1])
-        tokens_in[real] = embeddings
-        tokens = self.aggregator(tokens_in, padding_mask)
-        return self.aggregator.pool(tokens, padding_mask)
-
-    def forward(self, volumes: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Logits ``[B, num_classes]`` of normalised volumes ``[B, N, 1, H, W]`` (+ padding mask, True = pad)."""
-        if self.hparams.mode == "linear":
-            with torch.no_grad():  # the frozen encoders need no graph
-                features = self.volume_features(volumes, padding_mask)
-        else:
-            features = self.volume_features(volumes, padding_mask)
-        return self.head(features)
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["volume"], batch.get("padding_mask"))
-        loss = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weights)
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        probabilities = self(batch["volume"], batch.get("padding_mask")).float().softmax(dim=1)
-        rows = torch.cat(
-            [batch["index"][:, None].to(probabilities), batch["label"][:, None].to(probabilities), probabilities],
-            dim=1,
-        )
-        self._val_rows.append(rows)
-
-    def on_validation_epoch_end(self) -> None:
-        width = 2 + self.hparams.num_classes
-        local = torch.cat(self._val_rows) if self._val_rows else torch.zeros(0, width, device=self.device)
-        rows = gather_rows_once(local)
-        metrics = self.evaluation_metrics(rows[:, 2:], rows[:, 1].long())
-        for name, value in metrics.items():
-            # Every rank holds every result, so the values agree without sync_dist.
-            self.log(f"val/{name}", value, prog_bar=name == "auroc", sync_dist=False)
-        self._val_rows = []
-
-    def evaluation_metrics(self, probabilities: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """``loss`` (mean cross-entropy), ``accuracy`` and ``auroc`` (torchmetrics) of class probabilities
-        ``[M, C]`` against targets ``[M]``. AUROC is left out when the targets hold a single class (undefined)."""
-        metrics: dict[str, Tensor] = {}
-        if targets.numel() == 0:
-            return metrics
-        num_classes = self.hparams.num_classes
-        metrics["loss"] = F.nll_loss(probabilities.clamp_min(1e-12).log(), targets)
-        metrics["accuracy"] = multiclass_accuracy(probabilities, targets, num_classes=num_classes, average="micro")
-        if targets.unique().numel() < 2:
-            log.warning("validation targets hold a single class: AUROC is undefined and not logged")
-            return metrics
-        if num_classes == 2:
-            metrics["auroc"] = binary_auroc(probabilities[:, 1], targets)
-        else:
-            metrics["auroc"] = multiclass_auroc(probabilities, targets, num_classes=num_classes, average="macro")
-        return metrics
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_cosine(
-            self,
-            [self.encoder, self.aggregator],
-            self.hparams.lr,
-            self.hparams.pretrained_lr_scale,
-            self.hparams.weight_decay,
-            int(self.trainer.estimated_stepping_batches),
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Geometry: world position -> slab
 
 
 def cut_slab(
@@ -330,14 +166,18 @@ class ClassificationSamples(Dataset):
     """Samples ``[N, S, S]`` in [0, 1] (slabs or whole volumes) and labels.
 
     Items: ``volume`` ``[N, 1, S, S]`` (normalised), ``label`` (int), ``index`` (position, to count each sample
-    once in distributed evaluation). With ``augment``: random flips of rows and columns.
+    once in distributed evaluation) and ``path`` (the volume file). With ``augment``: random flips of rows and
+    columns.
     """
 
-    def __init__(self, samples: Sequence[Tensor], labels: Sequence[int], augment: bool = False) -> None:
-        if len(samples) != len(labels):
-            raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
+    def __init__(
+        self, samples: Sequence[Tensor], labels: Sequence[int], paths: Sequence[str], augment: bool = False
+    ) -> None:
+        if not len(samples) == len(labels) == len(paths):
+            raise ValueError(f"{len(samples)} samples, {len(labels)} labels and {len(paths)} paths")
         self.samples = list(samples)
         self.labels = list(labels)
+        self.paths = list(paths)
         self.augment = augment
 
     def __len__(self) -> int:
@@ -349,10 +189,15 @@ class ClassificationSamples(Dataset):
             for axis in (1, 2):
                 if torch.rand(()) < 0.5:
                     volume = volume.flip(axis)
-        return {"volume": to_encoder_input(volume)[:, None].contiguous(), "label": self.labels[index], "index": index}
+        return {
+            "volume": to_encoder_input(volume)[:, None].contiguous(),
+            "label": self.labels[index],
+            "index": index,
+            "path": self.paths[index],
+        }
 
 
-def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples, zero-padding the slice axis to the longest; ``padding_mask`` [B, N] is True where padded."""
     longest = max(item["volume"].shape[0] for item in items)
     volumes, masks = [], []
@@ -366,6 +211,7 @@ def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         "padding_mask": torch.stack(masks),
         "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "path": [item["path"] for item in items],
     }
 
 
@@ -455,6 +301,7 @@ class VolumeClassificationData(LightningDataModule):
         """Load every volume once (one at a time: each is decoded whole), cut its samples, apply ``on_bad_file``."""
         samples: list[Tensor] = []
         labels: list[int] = []
+        paths: list[str] = []
         if self.hparams.candidates is not None:
             by_volume: dict[str, list[Candidate]] = {}
             for candidate in items:
@@ -469,6 +316,7 @@ class VolumeClassificationData(LightningDataModule):
             for position in apply_bad_file_policy(checks, self.hparams.on_bad_file, what="volume"):
                 samples.extend(checks[position].loaded)
                 labels.extend(c.label for c in groups[position][1])
+                paths.extend(c.path for c in groups[position][1])
         else:
 
             def load(item: Any) -> FileCheck:
@@ -480,7 +328,8 @@ class VolumeClassificationData(LightningDataModule):
             for position in apply_bad_file_policy(checks, self.hparams.on_bad_file, what="volume"):
                 samples.append(checks[position].loaded)
                 labels.append(items[position].label)
-        return ClassificationSamples(samples, labels, augment=augment)
+                paths.append(items[position].path)
+        return ClassificationSamples(samples, labels, paths, augment=augment)
 
     def _candidate_slabs(self, path: str, group: Sequence[Candidate]) -> list[Tensor]:
         """Load one volume with world geometry and cut the slab of each of its candidates."""
@@ -544,3 +393,8 @@ class VolumeClassificationData(LightningDataModule):
         return DataLoader(
             self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_padded
         )
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation samples (``jointssl predict`` writes their class probabilities)."""
+        return self.val_dataloader()
+

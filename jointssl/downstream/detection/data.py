@@ -79,7 +79,7 @@ from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy
 from jointssl.data.geometry import RAS_LABELS, parse_world_frame, voxel_to_world, world_to_voxel
 from jointssl.data.volume_io import WORLD_GEOMETRY_SUFFIXES, read_volume_header, volume_reader
 from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
-from jointssl.downstream.common import split_by_volume
+from jointssl.downstream.base import split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
 

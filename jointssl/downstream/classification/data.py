@@ -1,17 +1,5 @@
-"""2D image classification on the slice encoder f_intra: fine-tuning or a linear probe (``ImageClassifier``), and
-its data module (``ImageClassificationData``: class folders or CSV manifests, a fixed patient-grouped split).
-
-Tasks and their outputs:
-
-- ``binary``: two classes; class index 1 is the positive class. One logit per image; probability = sigmoid.
-- ``multiclass``: one class per image; ``num_classes`` logits; probabilities = softmax.
-- ``multilabel``: any subset of ``num_classes`` labels per image; one logit per label; probabilities = sigmoid.
-
-Metrics (torchmetrics, logged as ``val/auroc``, ``val/accuracy``, ``val/f1`` and ``test/...``): AUROC (macro
-one-vs-rest over classes / labels), accuracy as the fraction of correct decisions (micro: argmax for multiclass,
-probability > 0.5 for binary and per label for multilabel), F1 of the positive class (binary) or macro F1
-(multiclass, multilabel).
-"""
+"""Data of 2D image classification (:class:`ImageClassificationData`): class folders or CSV manifests, labels
+(binary, multiclass, multilabel), a fixed patient-grouped stratified split, and the image transforms."""
 
 from __future__ import annotations
 
@@ -22,270 +10,24 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
-from torch import Tensor, nn
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelAUROC,
-    MultilabelF1Score,
-)
 from torchvision.transforms import v2
 
 from jointssl.data import BadFileError, DataValidationError, ImageRecord, discover_images, load_image_2d
-from jointssl.data.validation import OnBadFile, validate_images
 from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
-from jointssl.downstream.common import FrozenPartsMixin, Mode, build_slice_encoders, check_mode, self_contained_hparams
-from jointssl.optim import decay_groups, warmup_cosine_scheduler
+from jointssl.data.validation import OnBadFile, validate_images
+from jointssl.downstream.classification.metrics import Task, check_task
 
 log = logging.getLogger("jointssl.downstream")
 
-Task = Literal["binary", "multiclass", "multilabel"]
-#: Optimiser defaults per mode: (learning rate, weight decay). Fine-tuning: AdamW; linear probe: SGD + momentum.
-DEFAULT_OPTIMIZATION = {"finetune": (3e-4, 0.05), "linear": (0.1, 0.0)}
-
-
-# ======================================================================================================================
-# Model
-# ======================================================================================================================
-
-
-def classification_metrics(task: Task, num_classes: int) -> MetricCollection:
-    """AUROC, accuracy and F1 for ``task`` (see the module docstring for their exact definitions). Inputs are
-    probabilities ``[B]`` (binary) or ``[B, C]`` and targets ``[B]`` (class indices) or ``[B, C]`` (multi-hot)."""
-    if task == "binary":
-        metrics = {"auroc": BinaryAUROC(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()}
-    elif task == "multiclass":
-        metrics = {
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-        }
-    elif task == "multilabel":
-        metrics = {
-            "auroc": MultilabelAUROC(num_classes, average="macro"),
-            "accuracy": MultilabelAccuracy(num_classes, average="micro"),
-            "f1": MultilabelF1Score(num_classes, average="macro"),
-        }
-    else:
-        raise ValueError(f"task must be 'binary', 'multiclass' or 'multilabel', got {task!r}")
-    return MetricCollection(metrics)
-
-
-def balanced_class_weights(task: Task, targets: Tensor, num_classes: int) -> Tensor:
-    """Class weights that balance the training labels.
-
-    Single-label tasks: ``n / (num_classes * count_c)`` per class (scikit-learn's "balanced"). Multilabel: the
-    positive weight ``negatives_c / positives_c`` per label (torch's ``pos_weight``).
-    """
-    if task == "multilabel":
-        positives = targets.float().sum(dim=0)
-        negatives = targets.shape[0] - positives
-        absent = (positives == 0).nonzero().flatten().tolist()
-        if absent:
-            raise ValueError(f"class_weights='balanced': labels {absent} have no positive training example")
-        return negatives / positives
-    counts = torch.bincount(targets.long(), minlength=num_classes).float()
-    absent = (counts == 0).nonzero().flatten().tolist()
-    if absent:
-        raise ValueError(f"class_weights='balanced': classes {absent} have no training example")
-    return targets.numel() / (num_classes * counts)
-
-
-def classification_loss(task: Task, logits: Tensor, targets: Tensor, class_weight: Tensor) -> Tensor:
-    """The training loss, weighted by ``class_weight``.
-
-    - binary: ``sum_i w[y_i] * BCE_i / sum_i w[y_i]`` with ``w`` of length 2 (the weighted mean that
-      ``cross_entropy(weight=...)`` uses for multiclass);
-    - multiclass: ``cross_entropy(logits, y, weight=w)``;
-    - multilabel: ``binary_cross_entropy_with_logits(logits, y, pos_weight=w)`` (mean over images and labels).
-    """
-    if task == "binary":
-        per_image = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
-        weights = class_weight[targets.long()]
-        return (weights * per_image).sum() / weights.sum()
-    if task == "multiclass":
-        return F.cross_entropy(logits, targets.long(), weight=class_weight)
-    return F.binary_cross_entropy_with_logits(logits, targets.float(), pos_weight=class_weight)
-
-
-def logits_to_probabilities(task: Task, logits: Tensor) -> Tensor:
-    return logits.softmax(dim=-1) if task == "multiclass" else logits.sigmoid()
-
-
-class ImageClassifier(FrozenPartsMixin, LightningModule):
-    """f_intra (the multi-scale slice encoder, ``d_model`` features per image) + a linear classification head.
-
-    Args:
-        num_classes: classes (``binary``: 2, class 1 is positive) or labels (``multilabel``).
-        task: "binary", "multiclass" or "multilabel".
-        pretrained: a jointssl pretraining checkpoint (``.ckpt``) or an export folder (``jointssl export``); its
-            architecture replaces ``backbone`` / ``d_model``. None: random initialisation.
-        backbone: timm model of f_intra when ``pretrained`` is None.
-        d_model: width of the f_intra embedding when ``pretrained`` is None.
-        mode: "finetune" (everything trains; AdamW) or "linear" (the encoder is frozen and stays in eval mode, so
-            its BatchNorm statistics do not move; only the head trains; SGD + momentum, the usual linear-probe
-            protocol). In linear mode the head first standardises the frozen features with a BatchNorm without
-            affine parameters (as in MAE's linear probe): one learning rate then suits encoders whose feature
-            scales differ, and the head stays an affine map of the features.
-        lr: peak learning rate; None: 3e-4 (finetune, AdamW) or 0.1 (linear, SGD).
-        weight_decay: None: 0.05 (finetune) or 0 (linear). Biases and norm parameters never decay.
-        momentum: SGD momentum (linear mode).
-        warmup_epochs: linear warm-up (fractions allowed), then cosine decay to ``min_lr_ratio * lr`` at the last
-            step (per step, over ``trainer.estimated_stepping_batches``).
-        min_lr_ratio: final learning rate as a fraction of the peak.
-        class_weights: loss weights per class (see :func:`classification_loss`; multilabel: positive weight per
-            label), "balanced" (computed from the data module's training labels, see
-            :func:`balanced_class_weights`), or None.
-        linear_feature_norm: standardise the frozen features in linear mode (see ``mode``).
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        task: Task = "binary",
-        pretrained: str | None = None,
-        backbone: str = "resnet50",
-        d_model: int = 640,
-        mode: Mode = "finetune",
-        lr: float | None = None,
-        weight_decay: float | None = None,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        min_lr_ratio: float = 0.0,
-        class_weights: list[float] | Literal["balanced"] | None = None,
-        linear_feature_norm: bool = True,
-    ) -> None:
-        super().__init__()
-        if task not in ("binary", "multiclass", "multilabel"):
-            raise ValueError(f"task must be 'binary', 'multiclass' or 'multilabel', got {task!r}")
-        check_mode(mode)
-        if task == "binary" and num_classes != 2:
-            raise ValueError(f"task='binary' needs num_classes=2 (class 1 is the positive class), got {num_classes}")
-        if num_classes < 2 and task != "multilabel":
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if isinstance(class_weights, str) and class_weights != "balanced":
-            raise ValueError(f"class_weights must be a list, 'balanced' or None, got {class_weights!r}")
-        if isinstance(class_weights, (list, tuple)) and (
-            len(class_weights) != num_classes or min(class_weights) < 0 or sum(class_weights) <= 0
-        ):
-            raise ValueError(f"class_weights needs {num_classes} non-negative values (not all 0), got {class_weights}")
-        self.save_hyperparameters()
-        self.encoder, _, architecture = build_slice_encoders(pretrained, backbone, d_model, None, with_aggregator=False)
-        # Record the architecture actually built, so that `load_from_checkpoint(path)` rebuilds it.
-        self.hparams.update(self_contained_hparams(self.hparams, architecture))
-        outputs = 1 if task == "binary" else num_classes
-        linear = nn.Linear(self.encoder.d_model, outputs)
-        if mode == "linear" and linear_feature_norm:
-            self.head: nn.Module = nn.Sequential(nn.BatchNorm1d(self.encoder.d_model, affine=False), linear)
-        else:
-            self.head = linear
-        given = isinstance(class_weights, (list, tuple))
-        initial = torch.tensor(class_weights, dtype=torch.float) if given else torch.ones(num_classes)
-        # Persistent: a checkpoint evaluates with the weights it trained with, also without the data module.
-        self.register_buffer("class_weight", initial.float())
-        self.frozen_parts: list[nn.Module] = []
-        if mode == "linear":
-            self.freeze_parts([self.encoder])
-        self.val_metrics = classification_metrics(task, num_classes).clone(prefix="val/")
-        self.test_metrics = classification_metrics(task, num_classes).clone(prefix="test/")
-
-    # ------------------------------------------------------------------ set-up
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        if data is not None:
-            self._check_data(data)
-        if stage == "fit" and self.hparams.class_weights == "balanced":
-            targets = getattr(data, "train_targets", None)
-            if targets is None:
-                raise ValueError("class_weights='balanced' needs a data module with `train_targets`")
-            weights = balanced_class_weights(self.hparams.task, targets, self.hparams.num_classes)
-            self.class_weight.copy_(weights.to(self.class_weight))
-            log.info("balanced class weights: %s", [round(w, 4) for w in weights.tolist()])
-
-    def _check_data(self, data: LightningDataModule) -> None:
-        for name in ("task", "num_classes"):
-            value = getattr(data, name, None)
-            if value is not None and value != self.hparams[name]:
-                raise ValueError(f"model {name}={self.hparams[name]!r} but the data module has {name}={value!r}")
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor) -> Tensor:
-        """Logits: ``[B]`` (binary) or ``[B, num_classes]``."""
-        if self.hparams.mode == "linear":
-            with torch.no_grad():
-                features = self.encoder(images)
-        else:
-            features = self.encoder(images)
-        logits = self.head(features)
-        return logits.squeeze(-1) if self.hparams.task == "binary" else logits
-
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        weight = self.class_weight.to(logits.dtype)
-        return classification_loss(self.hparams.task, logits, targets, weight)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch["image"])
-        loss = self.loss(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
-        return loss
-
-    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, prefix: str) -> None:
-        logits = self(batch["image"])
-        targets = batch["target"]
-        self.log(f"{prefix}/loss", self.loss(logits, targets), sync_dist=True, batch_size=logits.shape[0])
-        probabilities = logits_to_probabilities(self.hparams.task, logits.float())
-        metrics.update(probabilities, targets.long())
-        self.log_dict(metrics, batch_size=logits.shape[0])
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Probabilities: ``[B]`` (binary: of class 1) or ``[B, num_classes]``."""
-        return logits_to_probabilities(self.hparams.task, self(batch["image"]).float())
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        mode = self.hparams.mode
-        default_lr, default_decay = DEFAULT_OPTIMIZATION[mode]
-        lr = self.hparams.lr if self.hparams.lr is not None else default_lr
-        decay = self.hparams.weight_decay if self.hparams.weight_decay is not None else default_decay
-        if mode == "linear":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                decay_groups(self.head.parameters(), decay), lr=lr, momentum=self.hparams.momentum
-            )
-        else:
-            optimizer = torch.optim.AdamW(decay_groups(self.parameters(), decay), lr=lr)
-        scheduler = warmup_cosine_scheduler(optimizer, self.trainer, self.hparams.warmup_epochs, self.hparams.min_lr_ratio)
-        log.info("%s: %s lr %.4g, weight decay %.3g, %d warm-up of %d steps", mode, type(optimizer).__name__, lr,
-                 decay, scheduler.lr_lambdas[0].warmup_steps, scheduler.lr_lambdas[0].total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-# ======================================================================================================================
-# Data
-# ======================================================================================================================
-
 
 class ClassificationDataset(Dataset):
-    """Images with targets: ``{"image": Tensor[1, S, S] (normalised), "target": Tensor, "index": int}``."""
+    """Images with targets: ``{"image": Tensor[1, S, S] (normalised), "target": Tensor, "index": int, "path": str}``."""
 
     def __init__(self, paths: Sequence[str], targets: Tensor, transform: v2.Transform) -> None:
         if len(paths) != len(targets):
@@ -299,7 +41,7 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = torch.from_numpy(load_image_2d(self.paths[index])).unsqueeze(0)
-        return {"image": self.transform(image), "target": self.targets[index], "index": index}
+        return {"image": self.transform(image), "target": self.targets[index], "index": index, "path": self.paths[index]}
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float], flip_p: float) -> v2.Compose:
@@ -490,8 +232,7 @@ class ImageClassificationData(LightningDataModule):
         label_separator: str = "|",
     ) -> None:
         super().__init__()
-        if task not in ("binary", "multiclass", "multilabel"):
-            raise ValueError(f"task must be 'binary', 'multiclass' or 'multilabel', got {task!r}")
+        check_task(task)
         if val is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"without a `val` source val_fraction must be in (0, 1), got {val_fraction}")
         if task == "binary" and classes is not None and len(classes) != 2:
@@ -638,6 +379,7 @@ class ImageClassificationData(LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
+        """The test images when a ``test`` source is set, otherwise the validation images."""
         return self._loader("test" if "test" in self._datasets else "val", train=False)
 
 
