@@ -73,6 +73,22 @@ def standardise_slices(z: Tensor, visible: Tensor) -> Tensor:
     return (z.float() - mean) / scale
 
 
+def pool_tokens(tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Z = L2norm(mean of the real slices' tokens): [B, N, D] -> [B, D] (dtype of tokens).
+
+    The mean and the norm are taken in float32; a sequence with no real slice gives the zero vector.
+    """
+    tokens32 = tokens.float()
+    if padding_mask is None:
+        mean = tokens32.mean(dim=1)
+    else:
+        real = (~padding_mask).unsqueeze(-1)
+        # where() rather than a product: padded tokens may hold anything, even non-finite values.
+        summed = torch.where(real, tokens32, torch.zeros_like(tokens32)).sum(dim=1)
+        mean = summed / real.sum(dim=1).clamp(min=1).to(summed.dtype)
+    return F.normalize(mean, dim=-1).to(tokens.dtype)
+
+
 class _VolumeContextNorm(nn.BatchNorm1d):
     """BatchNorm over the volumes of a batch; a training batch of a single volume uses the running statistics
     (BatchNorm cannot normalise one sample, and downstream fine-tuning often runs one volume per device)."""
@@ -156,20 +172,9 @@ class SliceAggregator(nn.Module):
         return self.norm(z)
 
     def pool(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Volume feature Z = L2norm(mean of the real slices' tokens): [B, N, D] -> [B, D] (dtype of tokens).
-
-        The mean and the norm are taken in float32; a sequence with no real slice gives the zero vector.
-        """
+        """Volume feature Z = L2norm(mean of the real slices' tokens): [B, N, D] -> [B, D] (see ``pool_tokens``)."""
         self._check_tokens(tokens)
-        tokens32 = tokens.float()
-        if padding_mask is None:
-            mean = tokens32.mean(dim=1)
-        else:
-            real = (~padding_mask).unsqueeze(-1)
-            # where() rather than a product: padded tokens may hold anything, even non-finite values.
-            summed = torch.where(real, tokens32, torch.zeros_like(tokens32)).sum(dim=1)
-            mean = summed / real.sum(dim=1).clamp(min=1).to(summed.dtype)
-        return F.normalize(mean, dim=-1).to(tokens.dtype)
+        return pool_tokens(tokens, padding_mask)
 
     def volume_tokens(self, z: Tensor, visible: Tensor) -> Tensor:
         """``input_norm="volume"`` tokens (module docstring) from slice embeddings [B, N, D], in z's dtype."""
