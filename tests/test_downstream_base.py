@@ -63,7 +63,7 @@ def test_every_task_is_a_downstream_task_with_self_contained_hparams(task: type,
                                                                     "val_patch_size": None}
     model = task(pretrained=str(pretrained_checkpoint), mode="linear", **kwargs)
     assert isinstance(model, DownstreamTask)
-    assert model.hparams.pretrained is None and model.hparams.pretrained_source == str(pretrained_checkpoint)
+    assert model.hparams.pretrained is None and model.pretrained_source == str(pretrained_checkpoint)
     assert model.hparams.backbone == "test_resnet"  # the checkpoint's architecture, not the default resnet50
     model.train()
     for part in model.pretrained_parts:

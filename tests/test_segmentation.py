@@ -309,6 +309,7 @@ def test_ct_organs_2p5d_from_pretrained(
     fit.save_checkpoint(path)
     reloaded = SliceSegmenter.load_from_checkpoint(path)
     assert reloaded.hparams.pretrained is None and reloaded.hparams.context_2p5d
+    assert reloaded.pretrained_source == str(pretrained_checkpoint)  # the record of where the encoders came from
     for key, value in model.state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[key]), key
 

@@ -55,11 +55,11 @@ def self_contained_hparams(hparams: Mapping[str, Any], architecture: Mapping[str
     A downstream checkpoint holds every weight, so ``pretrained`` is cleared and the architecture that was built
     is written in its place (``load_from_checkpoint`` builds the same network randomly and loads the weights).
     Only the architecture entries that are hyper-parameters of the module are written (a module without a
-    ``d_model`` argument gets none). The original path is kept under ``pretrained_source`` for the record (not an
-    ``__init__`` argument: Lightning drops it on load).
+    ``d_model`` argument gets none). Every key stays an ``__init__`` argument: `jointssl predict --ckpt_path`
+    builds the module from the checkpoint's hyper-parameters (the path of the pretraining file is kept in the
+    checkpoint as ``pretrained_source`` instead, see :meth:`DownstreamTask.on_save_checkpoint`).
     """
     updated = dict(hparams)
-    updated["pretrained_source"] = hparams.get("pretrained_source", hparams.get("pretrained"))
     updated["pretrained"] = None
     updated.update({key: copy.deepcopy(value) for key, value in architecture.items() if key in hparams})
     return updated
@@ -96,6 +96,8 @@ class DownstreamTask(LightningModule):
         super().__init__()
         self.frozen_parts: list[nn.Module] = []
         self._rows: list[Tensor] = []
+        #: The pretraining checkpoint or export the pretrained parts came from (None: random initialisation).
+        self.pretrained_source: str | None = None
 
     # ------------------------------------------------------------------ the pretrained parts
     def build_pretrained(
@@ -115,6 +117,7 @@ class DownstreamTask(LightningModule):
         always with ``pretrained``).
         """
         if pretrained is not None:
+            self.pretrained_source = str(pretrained)
             weights = load_pretrained(pretrained)
             if (backbone, d_model) != (weights.architecture["backbone"], weights.architecture["d_model"]):
                 log.info(
@@ -129,9 +132,9 @@ class DownstreamTask(LightningModule):
                 "aggregator": dict(weights.architecture["aggregator"]),
             }
         else:
-            config = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(**(aggregator or {}))
+            config = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig.from_dict(aggregator or {})
             encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
-            slice_aggregator = SliceAggregator(d_model=d_model, **config.asdict()) if with_aggregator else None
+            slice_aggregator = config.build(d_model) if with_aggregator else None
             architecture = {"backbone": backbone, "d_model": d_model, "aggregator": config.asdict()}
         if slice_aggregator is not None:
             # Only masked pretraining uses the mask token; DDP must not wait for its gradient.
@@ -163,6 +166,13 @@ class DownstreamTask(LightningModule):
         for part in getattr(self, "frozen_parts", ()):
             part.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The record of where the pretrained parts came from (the hyper-parameters say ``pretrained: null``)."""
+        checkpoint["pretrained_source"] = self.pretrained_source
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.pretrained_source = checkpoint.get("pretrained_source", self.pretrained_source)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

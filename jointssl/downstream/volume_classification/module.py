@@ -39,6 +39,8 @@ class VolumeClassifier(DownstreamTask):
         lr, weight_decay, pretrained_lr_scale, warmup_epochs, min_lr_ratio: AdamW, warm-up then cosine (see
             :class:`~jointssl.downstream.base.DownstreamTask`); f_intra/f_inter train at ``lr * pretrained_lr_scale``.
         class_weights: cross-entropy weight per class (e.g. against LUNA16's ~1:500 imbalance); None = equal.
+        slice_chunk_size, checkpoint_slices: slices per f_intra pass (0: all at once) and activation checkpointing
+            per chunk (memory; see :class:`~jointssl.models.VolumeEncoder`).
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class VolumeClassifier(DownstreamTask):
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
         class_weights: list[float] | None = None,
+        slice_chunk_size: int = 64,
+        checkpoint_slices: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -64,7 +68,9 @@ class VolumeClassifier(DownstreamTask):
             raise ValueError(f"class_weights needs {num_classes} values, got {class_weights}")
         self.save_hyperparameters()
         encoder, slice_aggregator = self.build_pretrained(pretrained, backbone, d_model, aggregator, with_aggregator=True)
-        self.net = VolumeClassificationNet(VolumeEncoder(encoder, slice_aggregator), num_classes)
+        self.net = VolumeClassificationNet(
+            VolumeEncoder(encoder, slice_aggregator, slice_chunk_size, checkpoint_slices), num_classes
+        )
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.freeze_pretrained()
