@@ -127,7 +127,7 @@ def excel_manifest(folder: Path, header: str, row: str) -> Path:
 
 def test_every_manifest_reader_accepts_an_excel_manifest(tmp_path: Path) -> None:
     from jointssl.data.discovery import discover_images, discover_volumes
-    from jointssl.downstream.detection_data import read_annotations
+    from jointssl.downstream.detection.data import read_annotations
     from jointssl.downstream.segmentation import read_pairs_manifest
     from jointssl.downstream.volume_classification import read_candidates, read_volume_labels
 
@@ -149,7 +149,7 @@ def test_every_manifest_reader_accepts_an_excel_manifest(tmp_path: Path) -> None
 
 def test_every_manifest_reader_reports_all_bad_rows_with_lines(tmp_path: Path) -> None:
     from jointssl.data.discovery import discover_volumes
-    from jointssl.downstream.detection_data import read_annotations
+    from jointssl.downstream.detection.data import read_annotations
     from jointssl.downstream.segmentation import read_pairs_manifest
     from jointssl.downstream.volume_classification import read_candidates, read_volume_labels
 

@@ -17,7 +17,7 @@ from jointssl.data.errors import BadFileError
 from jointssl.data.geometry import world_to_layout_index
 from jointssl.data.volume_io import read_volume, read_volume_header, volume_reader
 from jointssl.data.volume_readers import MissingReaderError
-from jointssl.downstream.detection_data import DetectionDataset, collect_scans, read_annotations, val_transform
+from jointssl.downstream.detection.data import DetectionDataset, collect_scans, read_annotations, val_transform
 from jointssl.downstream.volume_classification import VolumeClassificationData
 from tests.conftest import shared_path
 
