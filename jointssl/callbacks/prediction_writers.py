@@ -62,7 +62,8 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
-        self._records: list[tuple[int, int, int, dict[str, Any]]] = []
+        #: (dataloader, dataset index or -1, batch, position in the batch, record) of this rank's inputs
+        self._records: list[tuple[int, int, int, int, dict[str, Any]]] = []
 
     def output_folder(self, trainer: Trainer) -> Path:
         return Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "predictions"
@@ -86,14 +87,14 @@ class PredictionWriter(BasePredictionWriter):
         for position, record in enumerate(records):
             # Without the sampler's indices, the order of arrival: batch, then position in it.
             index = indices[position] if indices is not None else -1
-            self._records.append((dataloader_idx, index, batch_idx * 100_000 + position, record))
+            self._records.append((dataloader_idx, index, batch_idx, position, record))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gathered = gather_to_rank_zero(self._records)
         self._records = []
         if gathered is None:
             return
-        gathered.sort(key=lambda entry: entry[:3])
+        gathered.sort(key=lambda entry: entry[:4])
         unique: dict[Any, dict[str, Any]] = {}
         for *_, record in gathered:
             unique.setdefault(record[self.key], record)
@@ -234,7 +235,7 @@ def read_candidates_csv(path: str | os.PathLike, seriesuids: Sequence[str] | Non
             of it (FROC counts false positives per evaluated scan). None: the scans of the CSV, in order of first
             appearance.
     """
-    from jointssl.data.manifest import read_manifest
+    from jointssl.data.manifest import RowError, read_manifest
 
     table = read_manifest(path, required=[c.lower() for c in CANDIDATE_COLUMNS], what="candidates CSV")
     has_diameter = table.column(DIAMETER_COLUMN.lower()) is not None
@@ -242,8 +243,6 @@ def read_candidates_csv(path: str | os.PathLike, seriesuids: Sequence[str] | Non
     def parse(row) -> tuple[str, list[float]]:
         uid = row.text("seriesuid")
         if not uid:
-            from jointssl.data.manifest import RowError
-
             raise RowError("empty seriesuid")
         values = [row.number(c.lower()) for c in CANDIDATE_COLUMNS[1:]]
         return uid, [*values, row.number(DIAMETER_COLUMN.lower()) if has_diameter else float("nan")]
