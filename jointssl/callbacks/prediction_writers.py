@@ -116,8 +116,11 @@ def gather_to_rank_zero(items: list[Any]) -> list[Any] | None:
 
 
 def _numpy(value: Any) -> np.ndarray:
+    """A tensor or array as a CPU NumPy array of its own precision (world coordinates in float64 stay float64);
+    half precision (bf16 has no NumPy type) as float32."""
     if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
     return np.asarray(value)
 
 
