@@ -2,16 +2,13 @@
 one classification row per input (in dataset order), detection candidates round-trip through the FROC code,
 embeddings and cluster assignments line up, a segmentation mask reloads onto its source's grid (the real brain MR
 tumour mask; oblique NIfTI, MetaImage and NRRD sources, whose world frame is checked against SimpleITK's and the
-NRRD header's own geometry), and under 2 gloo ranks with a padding sampler every input is written exactly once.
-
-Run as a module (``python -m tests.test_prediction_writers``) it is one rank of the gloo test (tests/gloo_ranks.py).
+NRRD header's own geometry), and under 2 DDP ranks with a padding sampler every input is written exactly once.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -291,47 +288,50 @@ def test_segmentation_writer_refuses_labels_off_the_source_grid_and_clashing_nam
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Two gloo ranks: a DistributedSampler that pads 5 inputs to 3 per rank deals input 0 to both ranks.
+# Two DDP ranks (gloo, forked): a DistributedSampler that pads 5 inputs to 3 per rank deals input 0 to both ranks.
 
 DDP_INPUTS = 5
 
 
-def compute(rank: int, world_size: int) -> dict:
-    import sys
+class PaddedShards(IndexData):
+    def predict_dataloader(self) -> DataLoader:
+        from torch.utils.data import DistributedSampler
 
-    from torch.utils.data import DistributedSampler
-
-    out = Path(sys.argv[sys.argv.index("--out") + 1])
-    sampler = DistributedSampler(list(range(DDP_INPUTS)), num_replicas=world_size, rank=rank, shuffle=False)
-    indices = list(sampler)  # padded: rank 0 [0, 2, 4], rank 1 [1, 3, 0]
-    trainer = SimpleNamespace(default_root_dir=str(out / "run"), datamodule=SimpleNamespace(classes=CLASSES))
-    module = SimpleNamespace(hparams={"task": "multiclass"})
-    writers = [ClassificationWriter(), EmbeddingWriter()]
-    for writer, make in zip(writers, (classification_prediction, embedding_prediction)):
-        writer.on_predict_epoch_start(trainer, module)
-        for batch_idx, start in enumerate(range(0, len(indices), 2)):
-            batch = indices[start:start + 2]
-            writer.write_on_batch_end(trainer, module, make(batch), batch, batch, batch_idx, 0)
-        writer.on_predict_epoch_end(trainer, module)
-    return {"indices": torch.tensor(indices)}
+        inputs = list(range(self.count))
+        return DataLoader(inputs, batch_size=self.batch_size, sampler=DistributedSampler(inputs, shuffle=False))
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_write_every_input_exactly_once(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+class RecordingModule(ContractModule):
+    """Also notes which inputs this rank predicted (rank<r>.txt), to show that the sampler repeated one."""
 
-    from tests.gloo_ranks import run_ranks
+    def __init__(self, make, folder: str) -> None:
+        super().__init__(make)
+        self.folder = folder
 
-    dealt = run_ranks("tests.test_prediction_writers", tmp_path)
-    assert sorted(torch.cat([r["indices"] for r in dealt]).tolist()) == [0, 0, 1, 2, 3, 4]  # input 0 twice
-    rows = read_csv(tmp_path / "run" / "predictions" / "classification.csv")
-    assert [r["path"] for r in rows] == [f"/data/image_{i:02d}.png" for i in range(DDP_INPUTS)]
-    assert [r["predicted"] for r in rows] == [CLASSES[i % 3] for i in range(DDP_INPUTS)]
-    embeddings = load_file(tmp_path / "run" / "predictions" / "embeddings.safetensors")["embeddings"]
-    assert embeddings[:, 0].tolist() == [10.0 * i for i in range(DDP_INPUTS)]
+    def predict_step(self, batch, batch_idx):
+        with open(Path(self.folder) / f"rank{self.global_rank}.txt", "a") as handle:
+            handle.write("".join(f"{int(i)}\n" for i in batch))
+        return super().predict_step(batch, batch_idx)
 
 
-if __name__ == "__main__":
-    from tests.gloo_ranks import worker_main
+@pytest.mark.parametrize("writer", ["classification", "embedding"])
+def test_two_ddp_ranks_write_every_input_exactly_once(tmp_path: Path, writer: str) -> None:
+    callback, make = {"classification": (ClassificationWriter(), classification_prediction),
+                      "embedding": (EmbeddingWriter(), embedding_prediction)}[writer]
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", default_root_dir=tmp_path, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, callbacks=[callback])
+    trainer.predict(RecordingModule(make, str(tmp_path)), datamodule=PaddedShards(DDP_INPUTS, 2, CLASSES),
+                    return_predictions=False)
+    dealt = [int(line) for r in (0, 1) for line in (tmp_path / f"rank{r}.txt").read_text().split()]
+    assert sorted(dealt) == [0, 0, 1, 2, 3, 4]  # the padding repeated input 0 on rank 1
+    if writer == "classification":
+        rows = read_csv(tmp_path / "predictions" / "classification.csv")
+        assert [r["path"] for r in rows] == [f"/data/image_{i:02d}.png" for i in range(DDP_INPUTS)]
+        assert [r["predicted"] for r in rows] == [CLASSES[i % 3] for i in range(DDP_INPUTS)]
+    else:
+        from safetensors.torch import load_file
 
-    worker_main(compute)
+        embeddings = load_file(tmp_path / "predictions" / "embeddings.safetensors")["embeddings"]
+        assert embeddings[:, 0].tolist() == [10.0 * i for i in range(DDP_INPUTS)]
+        assert len(read_csv(tmp_path / "predictions" / "assignments.csv")) == DDP_INPUTS
