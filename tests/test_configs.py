@@ -77,6 +77,27 @@ def test_trainer_fragment_combines_with_a_pretraining_config(fragment: Path, tmp
         assert cli.trainer.strategy.__class__.__name__ == "DDPStrategy"
 
 
+DOWNSTREAM_CONFIGS = sorted((REPO_ROOT / "configs" / "downstream").glob("*.yaml"))
+#: The prediction writer each downstream task's outputs need (contract: one writer per task).
+DOWNSTREAM_WRITERS = {"ImageClassifier": "ClassificationWriter", "VolumeClassifier": "ClassificationWriter",
+                      "SliceSegmenter": "SegmentationWriter", "NoduleDetector": "DetectionWriter"}
+
+
+@pytest.mark.parametrize("config", DOWNSTREAM_CONFIGS, ids=lambda p: p.stem)
+def test_downstream_configs_write_predictions_also_with_the_cpu_fragment(config: Path, tmp_path, monkeypatch) -> None:
+    """Every downstream recipe lists its task's prediction writer, and `--trainer configs/trainer/cpu.yaml` (which
+    sets trainer keys only) keeps it, next to the checkpoint callback."""
+    from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate("--config", str(config), "--trainer", str(REPO_ROOT / "configs" / "trainer" / "cpu.yaml"),
+                      "--trainer.logger=false")
+    writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+    assert [type(w).__name__ for w in writers] == [DOWNSTREAM_WRITERS[type(cli.model).__name__]]
+    assert any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
+    assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
 def test_gpu_fragment_asks_for_what_the_issue_promises() -> None:
     import yaml
 
