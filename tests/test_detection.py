@@ -14,6 +14,7 @@ from lightning.pytorch import Trainer, seed_everything
 from timm.layers import SEModule
 from torch import nn
 
+from jointssl.callbacks.prediction_writers import DetectionWriter, read_candidates_csv
 from jointssl.data.errors import DataValidationError
 from jointssl.downstream.detection.data import (
     DetectionDataset,
@@ -23,7 +24,6 @@ from jointssl.downstream.detection.data import (
     collect_scans,
     read_annotations,
     val_transform,
-    write_candidates_csv,
     write_synthetic_nodule_ct,
 )
 from jointssl.downstream.detection.metrics import detection_metrics, froc_from_matches, match_detections
@@ -312,13 +312,16 @@ def test_linear_mode_trains_heads_on_the_frozen_pretrained_backbone(
 
     # Prediction reports detections in world millimetres, written as a LUNA16 submission.
     data = tiny_data(synthetic_ct, predict_volumes=[str(synthetic_ct.volumes)])
-    trainer = tiny_trainer(tmp_path, max_steps=1, limit_predict_batches=1)
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_predict_batches=1, callbacks=[DetectionWriter()])
     predictions = trainer.predict(model, datamodule=data)
     scan = predictions[0][0]
     assert scan["seriesuid"] == min(synthetic_ct.nodules)
     assert scan["centers"].shape == (len(scan["scores"]), 3) and np.isfinite(scan["centers"]).all()
-    rows = write_candidates_csv(predictions, tmp_path / "candidates.csv").read_text().splitlines()
-    assert rows[0] == "seriesuid,coordX,coordY,coordZ,probability" and len(rows) == 1 + len(scan["scores"])
+    candidates = tmp_path / "predictions" / "candidates.csv"
+    assert candidates.read_text().splitlines()[0].startswith("seriesuid,coordX,coordY,coordZ,probability")
+    [written] = read_candidates_csv(candidates, seriesuids=[scan["seriesuid"]])
+    np.testing.assert_allclose(written["centers"], scan["centers"])
+    np.testing.assert_allclose(written["scores"], scan["scores"])
 
     # The detector's own checkpoint rebuilds without the pretraining file.
     path = tmp_path / "detector.ckpt"

@@ -155,23 +155,6 @@ def boxes_to_world(boxes: np.ndarray, voxel_to_world: np.ndarray) -> tuple[np.nd
     return world, diameters
 
 
-def write_candidates_csv(predictions: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write detections as a LUNA16 submission (``seriesuid, coordX, coordY, coordZ, probability``).
-
-    ``predictions``: the per-scan dicts of ``NoduleDetector.predict_step`` (a list of them per batch is flattened).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scans = [p for item in predictions for p in (item if isinstance(item, list) else [item])]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "probability"])
-        for scan in scans:
-            for centre, score in zip(np.asarray(scan["centers"]), np.asarray(scan["scores"])):
-                writer.writerow([scan["seriesuid"], *(f"{c:.4f}" for c in centre), f"{float(score):.6f}"])
-    return path
-
-
 def check_scan(scan: Scan, world_coordinates: str) -> None:
     """Header-level check of one scan by its reader: a readable 3D volume with world geometry, every nodule centre
     inside it.
