@@ -335,3 +335,25 @@ def test_two_ddp_ranks_write_every_input_exactly_once(tmp_path: Path, writer: st
         embeddings = load_file(tmp_path / "predictions" / "embeddings.safetensors")["embeddings"]
         assert embeddings[:, 0].tolist() == [10.0 * i for i in range(DDP_INPUTS)]
         assert len(read_csv(tmp_path / "predictions" / "assignments.csv")) == DDP_INPUTS
+
+
+def test_two_ddp_ranks_write_each_mask_once(tmp_path: Path) -> None:
+    """Masks are written by the rank that predicted them; the volume both ranks were dealt is one file."""
+    volumes = []
+    for i in range(3):
+        path = tmp_path / f"case{i}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((5, 4, 3), np.float32), np.diag([1.0, 2.0, 3.0, 1.0])), path)
+        labels = np.zeros((5, 4, 3), np.uint8)
+        labels[i, :, :] = i + 1
+        volumes.append((str(path), labels))
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", default_root_dir=tmp_path, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, callbacks=[SegmentationWriter()])
+    make = lambda indices: [{"path": volumes[i][0], "labels": volumes[i][1]} for i in indices]  # noqa: E731
+    trainer.predict(RecordingModule(make, str(tmp_path)), datamodule=PaddedShards(3, 1), return_predictions=False)
+    dealt = [int(line) for r in (0, 1) for line in (tmp_path / f"rank{r}.txt").read_text().split()]
+    assert sorted(dealt) == [0, 0, 1, 2]
+    written = sorted((tmp_path / "predictions").iterdir())
+    assert [p.name for p in written] == [f"case{i}_seg.nii.gz" for i in range(3)]  # no temporary left
+    for path, (_, labels) in zip(written, volumes):
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), labels)
