@@ -33,6 +33,7 @@ from tests.conftest import shared_path
 from tests.test_classification import make_class_folders
 from tests.test_detection import cube
 from tests.test_segmentation import oblique_affine, write_nifti
+from tests.test_volume_classification import candidates_csv  # noqa: F401 (a fixture)
 
 TINY = {"backbone": "test_resnet", "d_model": 16}
 
@@ -78,6 +79,18 @@ def test_volume_classification_csv_has_one_row_per_volume(tmp_path: Path) -> Non
     written = read_rows(tmp_path / "run" / "predictions")
     assert sorted(row["path"] for row in written) == sorted(str(tmp_path / f"{n}.nii.gz") for n in range(5))
     assert all(float(r["prob_0"]) + float(r["prob_1"]) == pytest.approx(1.0, abs=1e-5) for r in written)
+
+
+@pytest.mark.xfail(strict=True, reason="ClassificationWriter keeps the first record of each path "
+                   "(PredictionWriter.on_predict_epoch_end, key 'path'): candidate slabs of one volume share it")
+def test_volume_classification_csv_has_one_row_per_candidate(candidates_csv: Path, tmp_path: Path) -> None:
+    """LUNA16-style candidates: each candidate (two per volume here) is an input and gets its row."""
+    data = VolumeClassificationData(candidates=str(candidates_csv), num_slices=5, patch_size=16, val_fraction=0.25,
+                                    modality="mr", batch_size=4, num_workers=0)
+    model = VolumeClassifier(num_classes=2, **TINY, aggregator={"num_layers": 1, "num_heads": 4, "ffn_dim": 16})
+    predictor(tmp_path / "run", ClassificationWriter()).predict(model, datamodule=data)
+    written = read_rows(tmp_path / "run" / "predictions")
+    assert len(written) == len(data.val_dataloader().dataset) == 4  # 2 validation volumes x 2 candidates
 
 
 def oracle_segmenter(data: SegmentationData, **kwargs) -> SliceSegmenter:
