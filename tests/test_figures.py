@@ -80,6 +80,10 @@ def test_overlay_shows_each_slice_with_its_dice(tmp_path: Path) -> None:
     assert png_of(figure, tmp_path / "overlay.png").shape == (340, 600)
     with pytest.raises(ValueError, match="alike"):
         overlay_figure(image, label[:1], prediction)
+    # A class predicted everywhere (an untrained network) is still outlined: at the border of the slice.
+    everywhere = overlay_figure(image, label, np.ones_like(label))
+    assert all(axes.collections for axes in everywhere.axes)
+    assert not overlay_figure(image, label, np.zeros_like(label)).axes[0].collections  # nothing predicted
 
 
 def fake_trainer(root: Path, **overrides) -> SimpleNamespace:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ def overlay_figure(
     predicted_slices: np.ndarray,
     titles: Sequence[str] | None = None,
 ) -> Figure:
-    """A few slices side by side: the image in grey, the ground truth as solid and the prediction as dashed
-    contours (one colour per foreground class), each slice's foreground Dice in its title and the Dice of every
+    """A few slices side by side: the image in grey, the ground truth filled (translucent) and the prediction
+    outlined, one colour per foreground class; each slice's foreground Dice in its title and the Dice of every
     class over the shown slices (MONAI ``DiceMetric``, ``dice_per_class``) in the figure title.
 
     Args:
@@ -151,17 +152,22 @@ def overlay_figure(
     for k in range(count):
         axes = figure.add_subplot(1, count, k + 1)
         axes.imshow(image[k], cmap="gray", interpolation="nearest")
+        truth = np.zeros((*label[k].shape, 4))
         for c in range(1, num_classes):
-            for masks, style in ((label, "solid"), (prediction, "dashed")):
-                if (masks[k] == c).any() and not (masks[k] == c).all():
-                    axes.contour(masks[k] == c, levels=[0.5], colors=colours[c], linestyles=style, linewidths=1.2)
+            truth[label[k] == c] = to_rgba(colours[c], alpha=0.4)
+            if (prediction[k] == c).any():
+                # Padded with background, so that a class predicted up to the border (or everywhere) is outlined.
+                padded = np.pad(prediction[k] == c, 1).astype(np.float32)
+                rows, columns = np.arange(-1, padded.shape[0] - 1), np.arange(-1, padded.shape[1] - 1)
+                axes.contour(columns, rows, padded, levels=[0.5], colors=colours[c], linewidths=1.2)
+        axes.imshow(truth, interpolation="nearest")
         dice = foreground_dice(prediction[k] > 0, label[k] > 0)
         axes.set_title(f"{titles[k]}: Dice {dice}", fontsize="small")
         axes.set_axis_off()
     scores = dice_per_class(torch.as_tensor(prediction)[None, None], torch.as_tensor(label)[None, None],
                             max(num_classes, 2))[0]
     per_class = ", ".join(f"{c}: {float(d):.3f}" for c, d in enumerate(scores.tolist(), start=1) if not np.isnan(d))
-    figure.suptitle(f"truth solid, prediction dashed; Dice over these slices {per_class or 'n/a (no label)'}",
+    figure.suptitle(f"truth filled, prediction outlined; Dice over these slices {per_class or 'n/a (no label)'}",
                     fontsize="small")
     figure.tight_layout()
     return figure
