@@ -31,9 +31,9 @@ from jointssl.data import JointDataModule  # noqa: E402
 from jointssl.data.synthetic import SyntheticData  # noqa: E402
 from jointssl.diagnostics import r2_against, visible_mean_baseline  # noqa: E402
 from jointssl.losses import interpolate_masked_slices, masked_embedding_loss, random_slice_mask  # noqa: E402
-from jointssl.losses.clustering import ClusteringTask  # noqa: E402
 from jointssl.models import MaskDecoder, SliceAggregator  # noqa: E402
 from jointssl.models.aggregator import standardise_slices  # noqa: E402
+from jointssl.objectives import SwAVObjective  # noqa: E402
 from jointssl.optim import lars  # noqa: E402
 from jointssl.pretrain import JointSSL  # noqa: E402
 
@@ -164,9 +164,8 @@ def inter_variant(z_all: torch.Tensor, *, input_norm: str, hidden: int, prototyp
     torch.manual_seed(seed)
     aggregator = SliceAggregator(d_model=d_model, num_layers=2, num_heads=4, ffn_dim=192, dropout=0.1,
                                  input_norm=input_norm)
-    task = ClusteringTask(method="swav", in_dim=d_model, hidden_dim=hidden, out_dim=64,
-                          num_prototypes=[prototypes], temperature=0.1, sinkhorn_epsilon=0.05,
-                          sinkhorn_iterations=3, queue_length=queue, kmeans_iterations=10)
+    task = SwAVObjective(in_dim=d_model, hidden_dim=hidden, out_dim=64, num_prototypes=[prototypes],
+                         temperature=0.1, sinkhorn_epsilon=0.05, sinkhorn_iterations=3, queue_length=queue)
     parameters = list(aggregator.parameters()) + list(task.parameters())
     opt = lars(parameters, lr=0.075, momentum=0.9, weight_decay=1e-6, trust_coefficient=1e-3)
     generator = torch.Generator().manual_seed(seed)

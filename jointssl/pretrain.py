@@ -23,17 +23,15 @@ from jointssl import diagnostics, distributed
 from jointssl.callbacks.resume import ExactResume
 from jointssl.checkpointing import AtomicCheckpoints
 from jointssl.losses import (
-    DeepClusterMemory,
-    SwAVLoss,
     interpolate_masked_slices,
     keyed_uniform,
     masked_embedding_loss,
     random_slice_mask,
     visible_slices,
 )
-from jointssl.losses.clustering import ClusteringTask
-from jointssl.models import MaskDecoder, SliceAggregator, SliceEncoder
+from jointssl.models import AggregatorConfig, MaskDecoder, VolumeEncoder
 from jointssl.models.aggregator import standardise_slices
+from jointssl.objectives import build_objective
 from jointssl.optim import lars, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl")
@@ -203,20 +201,22 @@ class JointSSL(LightningModule):
             raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
         self.save_hyperparameters()
         task = dict(
-            method=method, hidden_dim=projection_hidden_dim, out_dim=projection_dim, temperature=temperature,
-            sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
+            method=method, in_dim=d_model, hidden_dim=projection_hidden_dim, out_dim=projection_dim,
+            temperature=temperature, sinkhorn_epsilon=sinkhorn_epsilon, sinkhorn_iterations=sinkhorn_iterations,
             kmeans_iterations=kmeans_iterations,
         )
-        self.encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
-        self.intra = ClusteringTask(in_dim=d_model, num_prototypes=num_prototypes, queue_length=queue_length, **task)
-        self.aggregator = SliceAggregator(
-            d_model=d_model, num_layers=aggregator_layers, num_heads=aggregator_heads, ffn_dim=aggregator_ffn_dim,
-            dropout=aggregator_dropout, downsample=deformable_downsample, offset_scale=deformable_offset_scale,
-            input_norm=aggregator_input_norm,
+        volume_encoder = VolumeEncoder.build(
+            backbone, d_model, AggregatorConfig.from_pretrain_hparams(self.hparams),
+            slice_chunk_size=slice_chunk_size, checkpoint_slices=checkpoint_slices,
         )
-        self.inter = ClusteringTask(
-            in_dim=d_model, num_prototypes=num_prototypes_3d, queue_length=queue_length_3d, **task
-        )
+        # f_intra and f_inter are registered here, as `encoder` and `aggregator` (the checkpoint keys that
+        # exports, downstream loading and resumes read); the VolumeEncoder composing them is held outside the
+        # module tree, so that its parameters are not a second time in the state_dict.
+        self.encoder = volume_encoder.encoder
+        self.intra = build_objective(num_prototypes=num_prototypes, queue_length=queue_length, **task)
+        self.aggregator = volume_encoder.aggregator
+        object.__setattr__(self, "volume_encoder", volume_encoder)
+        self.inter = build_objective(num_prototypes=num_prototypes_3d, queue_length=queue_length_3d, **task)
         self.mask_decoder = MaskDecoder(d_model)
         # Prototype-usage monitors: how often each head-0 prototype won an assignment in the current epoch.
         self.register_buffer("intra_counts", torch.zeros(num_prototypes[0], dtype=torch.long), persistent=False)
@@ -287,7 +287,6 @@ class JointSSL(LightningModule):
                     raise ValueError(
                         f"{name}={size}: the projection head's BatchNorm needs at least 2 samples per device batch"
                     )
-        # DeepCluster-v2 banks: each rank holds the embeddings of its shard of one epoch.
         world = self.trainer.world_size
         num_volumes = getattr(data, "num_volumes", 0)
         if self.hparams.method == "deepcluster":
@@ -300,12 +299,8 @@ class JointSSL(LightningModule):
                         f"DeepCluster-v2 needs at least as many {what} as prototypes per head: {count} < "
                         f"{max(prototypes)}; lower num_prototypes{'_3d' if task == 'inter' else ''} or add data"
                     )
-        for task, total in (("intra", self.hparams.queue_length), ("inter", self.hparams.queue_length_3d)):
-            per_rank = getattr(self, task).shard_queues(world)
-            if per_rank * world != total and total > 0:
-                log.info("%s SwAV queue: %d rows per rank x %d ranks (of %d configured)", task, per_rank, world, total)
-        self.intra.attach_memory(data.num_samples, bank_size=math.ceil((data.num_samples - num_volumes) / world))
-        self.inter.attach_memory(data.num_samples, bank_size=math.ceil(max(1, num_volumes) / world))
+        self.intra.prepare(data.num_samples, data.num_samples - num_volumes, world)
+        self.inter.prepare(data.num_samples, num_volumes, world)
         # Queues, memory banks and usage counts are each rank's own: DDP must not overwrite them with rank 0's
         # copy at every forward (its default `broadcast_buffers`), which it would otherwise do to every buffer.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -315,13 +310,13 @@ class JointSSL(LightningModule):
     def per_rank_buffer_names(self) -> list[str]:
         """Buffers whose content differs between ranks by design: SwAV queues (each rank queues its own
         embeddings), DeepCluster-v2 memory banks (each rank's shard) and the prototype-usage counts."""
-        owners = [
-            name for name, module in self.named_modules() if isinstance(module, (SwAVLoss, DeepClusterMemory))
-        ]
         names = ["intra_counts", "inter_counts"]
-        for name, _ in self.named_buffers():
-            if any(name.startswith(owner + ".") for owner in owners):
-                names.append(name)
+        for task in ("intra", "inter"):
+            objective = getattr(self, task)
+            owners = {id(module) for module in objective.per_rank_modules()}
+            for owner, module in objective.named_modules():
+                if id(module) in owners:
+                    names.extend(f"{task}.{owner}.{name}" for name, _ in module.named_buffers())
         return names
 
     def configure_callbacks(self) -> list[Callback]:
@@ -362,24 +357,6 @@ class JointSSL(LightningModule):
         return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
     # ------------------------------------------------------------------ forward
-    def encode(self, images: list[Tensor]) -> list[Tensor]:
-        """f_intra over several image batches [B_i, 1, h, w], one batched pass per resolution (chunked and
-        checkpointed when configured). Returns [B_i, d_model] per input."""
-        outputs: list[Tensor | None] = [None] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
-        for members in by_size.values():
-            batch = torch.cat([images[i] for i in members])
-            chunk = self.hparams.slice_chunk_size
-            if chunk > 0 and batch.shape[0] > chunk:
-                features = self.encoder.forward_chunked(batch, chunk, checkpoint=self.hparams.checkpoint_slices)
-            else:
-                features = self.encoder(batch)
-            for i, part in zip(members, features.split([images[i].shape[0] for i in members])):
-                outputs[i] = part
-        return outputs  # type: ignore[return-value]
-
     def _use_queue(self, length: int) -> bool:
         return length > 0 and self.current_epoch >= self.hparams.queue_start_epoch
 
@@ -396,10 +373,12 @@ class JointSSL(LightningModule):
         if volumes is not None:
             views, padding = volumes["views"], volumes["padding_mask"]  # [B,2,N,1,S,S], [B,N]
             real = ~padding
-            # Only real slices go through the CNN; the two views share one slab, so one mask serves both.
-            inputs.append(views[:, 0][real])
-            inputs.append(views[:, 1][real])
-        features = self.encode(inputs)
+            # Only real slices go through the CNN; the two views share one slab, so one mask serves both. The 2D
+            # crops and the slices of both views go through f_intra together (one BatchNorm batch per resolution).
+            inputs.append(VolumeEncoder.real_slices(views[:, 0], padding))
+            inputs.append(VolumeEncoder.real_slices(views[:, 1], padding))
+        volume_encoder = self.volume_encoder
+        features = volume_encoder.encode(inputs)
         out: dict[str, Any] = {}
         diagnostic_inputs: dict[str, Any] = {}
         intra_parts: list[tuple[Tensor, int]] = []
@@ -414,9 +393,8 @@ class JointSSL(LightningModule):
         if volumes is not None:
             slices_s, slices_t = features
             batch_size, num_slices = real.shape
-            z_s = slices_s.new_zeros(batch_size, num_slices, slices_s.shape[-1])
-            z_t = z_s.clone()
-            z_s[real], z_t[real] = slices_s, slices_t
+            z_s = volume_encoder.scatter(slices_s, padding, real.shape)
+            z_t = volume_encoder.scatter(slices_t, padding, real.shape)
             if hp.intra_weight > 0:
                 pick = self._pick_slices(real, hp.intra_slices_per_volume, volumes["index"])
                 pair = self.intra.pair_loss(
@@ -426,8 +404,8 @@ class JointSSL(LightningModule):
                 diagnostic_inputs.setdefault("intra", pair)
                 diagnostic_inputs.setdefault("intra_features", slices_s.detach())
             if hp.inter_weight > 0:
-                volume_s = self.aggregator.pool(self.aggregator(z_s, padding), padding)
-                volume_t = self.aggregator.pool(self.aggregator(z_t, padding), padding)
+                volume_s = volume_encoder.pool(volume_encoder.aggregate(z_s, padding), padding)
+                volume_t = volume_encoder.pool(volume_encoder.aggregate(z_t, padding), padding)
                 embeddings = [self.inter.project(volume_s), self.inter.project(volume_t)]
                 result = self.inter.multicrop_loss(embeddings, volumes["index"], self._use_queue(hp.queue_length_3d))
                 out["inter"] = result.loss
@@ -438,7 +416,7 @@ class JointSSL(LightningModule):
                 mask = random_slice_mask(
                     padding, num_slices, batch_size, ratio=hp.mask_ratio, uniform=draws, span=hp.mask_span
                 )
-                tokens = self.aggregator(z_s, padding, mask)
+                tokens = volume_encoder.aggregate(z_s, padding, mask)
                 target = z_s
                 if hp.aggregator_input_norm == "volume":
                     target = standardise_slices(z_s, visible_slices(mask, padding))
@@ -478,8 +456,8 @@ class JointSSL(LightningModule):
         self._norm_snapshot = [buffer.clone() for buffer in self._norm_statistics]
         # Only the banks of active losses (a DeepCluster-v2 mask-only stage would otherwise read a whole epoch of
         # data for nothing).
-        intra_needs = self.hparams.intra_weight > 0 and self.intra.memory_is_empty()
-        inter_needs = self.hparams.inter_weight > 0 and self.inter.memory_is_empty()
+        intra_needs = self.hparams.intra_weight > 0 and self.intra.needs_memory()
+        inter_needs = self.hparams.inter_weight > 0 and self.inter.needs_memory()
         if intra_needs or inter_needs:
             self._fill_memory_banks()
 
@@ -495,17 +473,11 @@ class JointSSL(LightningModule):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             images, volumes = batch.get("images"), batch.get("volumes")
             if images is not None and self.hparams.intra_weight > 0:
-                features = self.encode(images["crops"][:2])
+                features = self.volume_encoder.encode(images["crops"][:2])
                 self.intra.fill_memory(images["index"], [self.intra.project(f) for f in features])
             if volumes is not None and self.hparams.inter_weight > 0:
                 padding = volumes["padding_mask"]
-                real = ~padding
-                views = []
-                for v in range(2):
-                    slices = self.encode([volumes["views"][:, v][real]])[0]
-                    z = slices.new_zeros(*real.shape, slices.shape[-1])
-                    z[real] = slices
-                    views.append(self.inter.project(self.aggregator.pool(self.aggregator(z, padding), padding)))
+                views = [self.inter.project(self.volume_encoder(volumes["views"][:, v], padding)) for v in range(2)]
                 self.inter.fill_memory(volumes["index"], views)
         self.train(was_training)
         log.info("DeepCluster-v2 memory banks filled")

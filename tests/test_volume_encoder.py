@@ -136,7 +136,7 @@ def test_aggregator_config_from_pretrain_hparams() -> None:
     # Checkpoints written before input_norm existed were made with raw slice embeddings.
     old = {k: v for k, v in hparams.items() if k != "aggregator_input_norm"}
     assert AggregatorConfig.from_pretrain_hparams(old).input_norm == "none"
-    with pytest.raises(KeyError, match="aggregator_heads"):
+    with pytest.raises(KeyError, match="aggregator_heads"):  # the missing names are the error's argument
         AggregatorConfig.from_pretrain_hparams({k: v for k, v in hparams.items() if k != "aggregator_heads"})
     # Round trip through the exported form, also from an export written before input_norm.
     assert AggregatorConfig.from_dict(config.asdict()) == config

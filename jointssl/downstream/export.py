@@ -43,7 +43,7 @@ from jointssl.downstream.pretrained import (
     PretrainedWeights,
     load_pretrained,
 )
-from jointssl.models import SliceAggregator, SliceEncoder
+from jointssl.models import VolumeEncoder
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -212,11 +212,13 @@ def _match_key(key: str, plain_state: dict[str, Tensor], by_canonical: dict[str,
 
 def _check_complete(weights: PretrainedWeights) -> None:
     """An export must hold every tensor of f_intra and f_inter: fail now rather than at downstream load time."""
-    encoder = SliceEncoder(backbone=weights.architecture["backbone"], d_model=weights.architecture["d_model"])
-    _check_state(encoder.state_dict().keys(), weights.encoder, f"{weights.source}: f_intra")
-    if weights.aggregator:
-        aggregator = SliceAggregator(d_model=weights.architecture["d_model"], **weights.architecture["aggregator"])
-        _check_state(aggregator.state_dict().keys(), weights.aggregator, f"{weights.source}: f_inter")
+    architecture = weights.architecture
+    model = VolumeEncoder.build(
+        architecture["backbone"], architecture["d_model"], weights.aggregator_config() if weights.aggregator else None
+    )
+    _check_state(model.encoder.state_dict().keys(), weights.encoder, f"{weights.source}: f_intra")
+    if model.aggregator is not None:
+        _check_state(model.aggregator.state_dict().keys(), weights.aggregator, f"{weights.source}: f_inter")
 
 
 def _check_state(expected: Iterable[str], state: dict[str, Tensor], what: str) -> None:

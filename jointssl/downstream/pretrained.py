@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from jointssl.models import SliceAggregator, SliceEncoder
+from jointssl.models import AggregatorConfig, SliceAggregator, SliceEncoder, VolumeEncoder
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -25,19 +25,8 @@ EXPORT_FORMAT = "jointssl-encoders"
 EXPORT_VERSION = 1
 EXPORT_WEIGHTS = "encoders.safetensors"
 EXPORT_CONFIG = "config.json"
-#: Architecture keys of the pretraining hyper-parameters that define f_intra and f_inter.
+#: Architecture keys of the pretraining hyper-parameters that define f_intra (f_inter's: AggregatorConfig).
 ENCODER_KEYS = ("backbone", "d_model")
-AGGREGATOR_KEYS = {
-    "aggregator_layers": "num_layers",
-    "aggregator_heads": "num_heads",
-    "aggregator_ffn_dim": "ffn_dim",
-    "aggregator_dropout": "dropout",
-    "deformable_downsample": "downsample",
-    "deformable_offset_scale": "offset_scale",
-    "aggregator_input_norm": "input_norm",
-}
-#: Aggregator keys that came later, with the value that checkpoints and exports written before them imply.
-AGGREGATOR_KEYS_ADDED = {"input_norm": "none"}
 
 
 class PretrainedLoadError(ValueError):
@@ -46,7 +35,8 @@ class PretrainedLoadError(ValueError):
 
 @dataclass
 class PretrainedWeights:
-    """Architecture + tensors of f_intra (`encoder.*`) and f_inter (`aggregator.*`)."""
+    """Architecture + tensors of f_intra (`encoder.*`) and f_inter (`aggregator.*`). ``architecture``:
+    ``backbone``, ``d_model`` and ``aggregator`` (``AggregatorConfig.asdict()``)."""
 
     architecture: dict[str, Any]
     encoder: dict[str, Tensor]
@@ -61,9 +51,16 @@ class PretrainedWeights:
     def slice_aggregator(self) -> SliceAggregator:
         if not self.aggregator:
             raise PretrainedLoadError(f"{self.source}: holds no slice aggregator (f_inter) weights")
-        model = SliceAggregator(d_model=self.architecture["d_model"], **self.architecture["aggregator"])
+        model = self.aggregator_config().build(self.architecture["d_model"])
         load_reported(model, self.aggregator, f"f_inter from {self.source}")
         return model
+
+    def aggregator_config(self) -> AggregatorConfig:
+        return AggregatorConfig.from_dict(self.architecture["aggregator"])
+
+    def volume_encoder(self, with_aggregator: bool = True) -> VolumeEncoder:
+        """f_intra (and f_inter when ``with_aggregator``) with these weights, composed as in pretraining."""
+        return VolumeEncoder(self.slice_encoder(), self.slice_aggregator() if with_aggregator else None)
 
 
 def load_reported(model: torch.nn.Module, state: dict[str, Tensor], what: str) -> None:
@@ -101,17 +98,18 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "jointssl_format_version" not in checkpoint:
         raise PretrainedLoadError(f"{path}: not a jointssl pretraining checkpoint (no state_dict / format version)")
     hparams = checkpoint.get("hyper_parameters", {})
-    added = {old for old, new in AGGREGATOR_KEYS.items() if new in AGGREGATOR_KEYS_ADDED}
-    missing = [k for k in (*ENCODER_KEYS, *AGGREGATOR_KEYS) if k not in hparams and k not in added]
+    missing = [k for k in ENCODER_KEYS if k not in hparams]
+    try:
+        aggregator_config = AggregatorConfig.from_pretrain_hparams(hparams)
+    except KeyError as error:
+        missing.extend(error.args[0])
     if missing:
         raise PretrainedLoadError(f"{path}: checkpoint hyper-parameters lack {missing}: not a JointSSL checkpoint")
     encoder, aggregator = _split(checkpoint["state_dict"])
     if not encoder:
         raise PretrainedLoadError(f"{path}: checkpoint holds no encoder.* tensors")
     architecture = {k: hparams[k] for k in ENCODER_KEYS}
-    architecture["aggregator"] = {
-        new: hparams.get(old, AGGREGATOR_KEYS_ADDED.get(new)) for old, new in AGGREGATOR_KEYS.items()
-    }
+    architecture["aggregator"] = aggregator_config.asdict()
     return PretrainedWeights(architecture, encoder, aggregator, source=str(path))
 
 
@@ -128,5 +126,5 @@ def _load_export(folder: Path) -> PretrainedWeights:
     encoder, aggregator = _split(load_file(str(weights_path)))
     architecture = dict(config["architecture"])
     # An export written before a setting existed was made with the value that setting's absence implies.
-    architecture["aggregator"] = {**AGGREGATOR_KEYS_ADDED, **architecture.get("aggregator", {})}
+    architecture["aggregator"] = AggregatorConfig.from_dict(architecture.get("aggregator", {})).asdict()
     return PretrainedWeights(architecture, encoder, aggregator, source=str(folder))

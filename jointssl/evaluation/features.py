@@ -6,8 +6,8 @@ with weights drawn from ``seed`` instead (the random-initialisation baseline; th
 its architecture). Inputs are preprocessed by :mod:`.inputs`; the encoders run in eval mode without gradients.
 
 - 2D images: ``features`` = f_intra's embedding of each image, [N, D].
-- Volumes: f_intra embeds every kept slice, z [S, D]; ``volume`` = f_inter's volume feature
-  ``aggregator.pool(aggregator(z[None]))`` (the L2-normalised mean of its tokens, over all kept slices at once);
+- Volumes: f_intra embeds every kept slice, z [S, D]; ``volume`` = the volume feature of pretraining,
+  :class:`jointssl.models.VolumeEncoder` (the L2-normalised mean of f_inter's tokens, over all kept slices at once);
   ``slice_mean`` = the mean of z over slices (a volume feature that bypasses f_inter). Each [N, D].
 
 The output folder holds:
@@ -42,7 +42,7 @@ from torch import Tensor
 from jointssl.checkpointing import write_atomic
 from jointssl.downstream.pretrained import EXPORT_WEIGHTS, PretrainedWeights, load_pretrained
 from jointssl.evaluation.inputs import images_with_labels, preprocess_image, preprocess_volume, volumes_with_labels
-from jointssl.models import SliceAggregator, SliceEncoder
+from jointssl.models import SliceEncoder, VolumeEncoder
 
 log = logging.getLogger("jointssl")
 
@@ -104,19 +104,18 @@ def resolve_device(device: str) -> torch.device:
 
 def build_encoders(
     weights: PretrainedWeights, with_aggregator: bool, random_init: bool = False, seed: int = 0
-) -> tuple[SliceEncoder, SliceAggregator | None]:
+) -> VolumeEncoder:
     """f_intra (and f_inter when ``with_aggregator``) of ``weights``' architecture, in eval mode: with its
     tensors, or with ``random_init`` freshly initialised from ``seed`` (the global RNG state is left untouched)."""
     if not random_init:
-        return weights.slice_encoder().eval(), (weights.slice_aggregator().eval() if with_aggregator else None)
+        return weights.volume_encoder(with_aggregator).eval()
     architecture = weights.architecture
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = SliceEncoder(backbone=architecture["backbone"], d_model=architecture["d_model"], in_chans=1)
-        aggregator = (
-            SliceAggregator(d_model=architecture["d_model"], **architecture["aggregator"]) if with_aggregator else None
+        model = VolumeEncoder.build(
+            architecture["backbone"], architecture["d_model"], weights.aggregator_config() if with_aggregator else None
         )
-    return encoder.eval(), (aggregator.eval() if aggregator is not None else None)
+    return model.eval()
 
 
 def _progress(total: int, what: str, quiet: bool):
@@ -150,21 +149,22 @@ def image_features(
 
 @torch.no_grad()
 def volume_features(
-    encoder: SliceEncoder, aggregator: SliceAggregator, records: Sequence, volume_size: int, slice_stride: int,
-    batch_size: int, device: torch.device, quiet: bool = True,
+    model: VolumeEncoder, records: Sequence, volume_size: int, slice_stride: int, batch_size: int,
+    device: torch.device, quiet: bool = True,
 ) -> dict[str, Tensor]:
     """``{"volume": [N, D], "slice_mean": [N, D]}`` float32 on CPU, one row per volume record (module
     docstring); f_intra runs on at most ``batch_size`` slices at a time."""
-    encoder, aggregator = encoder.to(device).eval(), aggregator.to(device).eval()
+    model = model.to(device).eval()
+    model.slice_chunk_size = batch_size
     volumes, slice_means = [], []
     with _progress(len(records), "volumes", quiet) as bar:
         for record in records:
-            slices = preprocess_volume(record, volume_size, slice_stride)
-            z = torch.cat([encoder(chunk.to(device)).float() for chunk in slices.split(batch_size)])
-            volumes.append(aggregator.pool(aggregator(z[None]), None)[0].float().cpu())
-            slice_means.append(z.mean(dim=0).cpu())
+            slices = preprocess_volume(record, volume_size, slice_stride).to(device)
+            z = model.embed_slices(slices[None])
+            volumes.append(model.pool(model.aggregate(z, None), None)[0].float().cpu())
+            slice_means.append(z[0].float().mean(dim=0).cpu())
             bar.update(1)
-    empty = torch.empty(0, encoder.d_model)
+    empty = torch.empty(0, model.d_model)
     return {
         "volume": torch.stack(volumes) if volumes else empty,
         "slice_mean": torch.stack(slice_means) if slice_means else empty,
@@ -224,13 +224,12 @@ def embed(
     log.info("embedding %d %s from %s with %s%s on %s", len(found), kind, ", ".join(sources), pretrained,
              f" (random init, seed {seed})" if random_init else "", target)
 
-    encoder, aggregator = build_encoders(weights, with_aggregator=kind == "volumes", random_init=random_init,
-                                         seed=seed)
+    model = build_encoders(weights, with_aggregator=kind == "volumes", random_init=random_init, seed=seed)
     if kind == "images":
-        features = image_features(encoder, paths, image_size, batch_size, target, quiet)
+        features = image_features(model.encoder, paths, image_size, batch_size, target, quiet)
     else:
-        features = volume_features(encoder, aggregator, [record for record, _ in found], volume_size,
-                                   slice_stride, batch_size, target, quiet)
+        features = volume_features(model, [record for record, _ in found], volume_size, slice_stride, batch_size,
+                                   target, quiet)
 
     meta: dict[str, Any] = {
         "format": EMBED_FORMAT,

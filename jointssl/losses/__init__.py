@@ -1,5 +1,5 @@
 """Losses of jointssl: Sinkhorn-Knopp, SwAV, distributed spherical k-means, DeepCluster-v2, masked slice-embedding
-prediction, and ClusteringTask (one clustering objective with its heads and state)."""
+prediction (the objectives that use them, with their heads and state: jointssl.objectives)."""
 
 from jointssl.losses.deepcluster import DeepClusterMemory, DeepClusterV2Loss
 from jointssl.losses.kmeans import KMeansResult, spherical_kmeans

@@ -71,7 +71,7 @@ class AggregatorConfig:
             else:
                 missing.append(name)
         if missing:
-            raise KeyError(f"hyper-parameters lack {missing}")
+            raise KeyError(missing)
         return cls(**values)
 
     @classmethod
