@@ -121,7 +121,12 @@ def test_save_figure_logs_to_wandb_when_a_wandb_logger_is_attached(tmp_path: Pat
         return original(key=key, images=images, step=step, **kwargs)
 
     monkeypatch.setattr(logger, "log_image", record)
-    assert save_figure(fake_trainer(tmp_path, loggers=[logger]), "roc", roc_figure(
-        np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), ["a", "b"])) is None
+    try:
+        assert save_figure(fake_trainer(tmp_path, loggers=[logger]), "roc", roc_figure(
+            np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), ["a", "b"])) is None
+    finally:
+        # An unfinished run stays wandb.run for the whole process, and Lightning's WandbLogger adopts a run in
+        # progress instead of starting its own: every later W&B test in this process would log into this one.
+        logger.experiment.finish()
     assert logged == [("figures/roc", [(5 * DPI, 5 * DPI, 3)], 40)]
     assert not (tmp_path / "checkpoints").exists()  # W&B instead of the PNG
