@@ -37,3 +37,26 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+ERRORS_DOC = REPO_ROOT / "docs" / "errors.md"
+
+
+def documented_messages() -> dict[str, str]:
+    """docs/errors.md's tables: case -> the "what you see" cell (backticks removed)."""
+    messages: dict[str, str] = {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0] != "case":
+            messages[cells[0].strip("`")] = cells[2].replace("`", "")
+    return messages
+
+
+def assert_documented(case: str, message: str) -> None:
+    """`message` (what the user saw) matches docs/errors.md's row `case`: its text literally, `<...>` as any text.
+    Keeps the user-facing table true; tests/test_errors_doc.py checks that every row has such a test."""
+    import re
+
+    documented = documented_messages()[case]
+    pattern = ".*?".join(re.escape(part) for part in re.split(r"<[^<>]*>", documented))
+    assert re.search(pattern, message, re.DOTALL), f"docs/errors.md `{case}` says {documented!r}; got {message!r}"
