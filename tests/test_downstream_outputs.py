@@ -81,16 +81,22 @@ def test_volume_classification_csv_has_one_row_per_volume(tmp_path: Path) -> Non
     assert all(float(r["prob_0"]) + float(r["prob_1"]) == pytest.approx(1.0, abs=1e-5) for r in written)
 
 
-@pytest.mark.xfail(strict=True, reason="ClassificationWriter keeps the first record of each path "
-                   "(PredictionWriter.on_predict_epoch_end, key 'path'): candidate slabs of one volume share it")
-def test_volume_classification_csv_has_one_row_per_candidate(candidates_csv: Path, tmp_path: Path) -> None:
-    """LUNA16-style candidates: each candidate (two per volume here) is an input and gets its row."""
+def test_volume_classification_csv_has_one_row_per_candidate(candidates_csv: Path, tmp_path: Path) -> None:  # noqa: F811
+    """LUNA16-style candidates: each candidate (two per volume here) is an input and gets its row, which joins back
+    onto its line of candidates.csv by (volume, coordX, coordY, coordZ)."""
     data = VolumeClassificationData(candidates=str(candidates_csv), num_slices=5, patch_size=16, val_fraction=0.25,
-                                    modality="mr", batch_size=4, num_workers=0)
+                                    modality="mr", batch_size=3, num_workers=0)
     model = VolumeClassifier(num_classes=2, **TINY, aggregator={"num_layers": 1, "num_heads": 4, "ffn_dim": 16})
     predictor(tmp_path / "run", ClassificationWriter()).predict(model, datamodule=data)
     written = read_rows(tmp_path / "run" / "predictions")
     assert len(written) == len(data.val_dataloader().dataset) == 4  # 2 validation volumes x 2 candidates
+    with candidates_csv.open(newline="") as handle:
+        listed = {(row["seriesuid"], float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+                  for row in csv.DictReader(handle)}
+    keys = [(Path(r["path"]).name.removesuffix(".nii.gz"), float(r["coordX"]), float(r["coordY"]),
+             float(r["coordZ"])) for r in written]
+    assert len(set(keys)) == 4 and set(keys) <= listed  # four distinct candidates, each a line of the CSV
+    assert len({r["path"] for r in written}) == 2
 
 
 def oracle_segmenter(data: SegmentationData, **kwargs) -> SliceSegmenter:

@@ -88,6 +88,26 @@ def test_classification_csv_has_one_row_per_input_in_dataset_order(tmp_path: Pat
     assert not list((tmp_path / "predictions").glob(".*"))  # no temporary file left
 
 
+def one_volume_candidates(indices: list[int]) -> dict:
+    """Candidates of a single volume: every input has the same path and its own world position."""
+    return {"paths": ["/data/ct.mhd"] * len(indices), "probabilities": torch.stack([probabilities_of(i) for i in indices]),
+            "coordinates": torch.tensor([[i + 0.1, -2.5 * i, 1e-3 * i] for i in indices], dtype=torch.float64)}
+
+
+def test_candidates_of_one_volume_each_get_their_row_with_their_coordinates(tmp_path: Path) -> None:
+    predict(tmp_path, ClassificationWriter(), one_volume_candidates, count=5, batch_size=2, classes=CLASSES)
+    path = tmp_path / "predictions" / "classification.csv"
+    with path.open(newline="") as handle:
+        assert next(csv.reader(handle)) == ["path", "coordX", "coordY", "coordZ", "prob_normal", "prob_pneumonia",
+                                            "prob_other", "predicted"]
+    rows = read_csv(path)
+    assert [r["path"] for r in rows] == ["/data/ct.mhd"] * 5
+    # Written exactly (repr of the float64), so that they join onto the candidates CSV's numbers.
+    assert [(float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])) for r in rows] == [
+        (i + 0.1, -2.5 * i, 1e-3 * i) for i in range(5)]
+    assert [r["predicted"] for r in rows] == [CLASSES[i % 3] for i in range(5)]
+
+
 def test_classification_columns_are_indices_without_class_names_and_output_dir_is_used(tmp_path: Path) -> None:
     predict(tmp_path, ClassificationWriter(output_dir=str(tmp_path / "elsewhere"), filename="p.csv"),
             classification_prediction, count=2)
@@ -314,10 +334,12 @@ class RecordingModule(ContractModule):
         return super().predict_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("writer", ["classification", "embedding"])
+@pytest.mark.parametrize("writer", ["classification", "embedding", "candidates"])
 def test_two_ddp_ranks_write_every_input_exactly_once(tmp_path: Path, writer: str) -> None:
+    """Repeats are told by dataset index: the padding's repeat is dropped, candidates sharing a path are kept."""
     callback, make = {"classification": (ClassificationWriter(), classification_prediction),
-                      "embedding": (EmbeddingWriter(), embedding_prediction)}[writer]
+                      "embedding": (EmbeddingWriter(), embedding_prediction),
+                      "candidates": (ClassificationWriter(), one_volume_candidates)}[writer]
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", default_root_dir=tmp_path, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       use_distributed_sampler=False, callbacks=[callback])
@@ -328,6 +350,10 @@ def test_two_ddp_ranks_write_every_input_exactly_once(tmp_path: Path, writer: st
     if writer == "classification":
         rows = read_csv(tmp_path / "predictions" / "classification.csv")
         assert [r["path"] for r in rows] == [f"/data/image_{i:02d}.png" for i in range(DDP_INPUTS)]
+        assert [r["predicted"] for r in rows] == [CLASSES[i % 3] for i in range(DDP_INPUTS)]
+    elif writer == "candidates":
+        rows = read_csv(tmp_path / "predictions" / "classification.csv")
+        assert [float(r["coordX"]) for r in rows] == [i + 0.1 for i in range(DDP_INPUTS)]
         assert [r["predicted"] for r in rows] == [CLASSES[i % 3] for i in range(DDP_INPUTS)]
     else:
         from safetensors.torch import load_file

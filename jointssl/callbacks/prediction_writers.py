@@ -4,7 +4,8 @@ Each writer reads what its task's ``predict_step`` returns (the prediction contr
 ``<trainer.default_root_dir>/predictions/`` (or ``output_dir``), every file atomically:
 
 - :class:`ClassificationWriter` (image and volume classification): ``predict_step`` returns ``{"paths": [B],
-  "probabilities": [B, C]}`` -> ``classification.csv`` with ``path, prob_<class>..., predicted``.
+  "probabilities": [B, C]}`` (candidates: also ``"coordinates": [B, 3]``) -> ``classification.csv`` with
+  ``path[, coordX, coordY, coordZ], prob_<class>..., predicted``.
 - :class:`SegmentationWriter`: a list of ``{"path", "labels"}`` (labels in the source file's voxel order) ->
   ``<image stem>_seg.nii.gz`` per volume with the source's voxel -> world affine (MONAI ``SaveImage``).
 - :class:`DetectionWriter`: a list of per-scan ``{"seriesuid", "scores", "centers", "diameters", ...}`` ->
@@ -13,10 +14,11 @@ Each writer reads what its task's ``predict_step`` returns (the prediction contr
   ``embeddings.safetensors`` (``embeddings`` [N, D]) and ``assignments.csv`` (``path, kind, cluster``), row i of one
   being row i of the other.
 
-Under DDP every rank's predictions are gathered to global rank 0, which writes the table once; an input that a
-distributed sampler dealt to two ranks (padding to equal shards) is written once (the first prediction of its path
-or seriesuid is kept). Rows follow the dataset order when the sampler reports the batch indices (Lightning does for
-predict), else the order of arrival. Segmentation masks are written by the rank that predicted them, as they come:
+Under DDP every rank's predictions are gathered to global rank 0, which writes the table once, one row per input:
+an input is its dataset index (Lightning reports the batch indices for predict), not its path, since several inputs
+may share one (the candidates of a volume). An index that a distributed sampler dealt to two ranks (padding to
+equal shards) is written once. Rows follow the dataset order; without batch indices (an iterable dataset, which
+gets no distributed sampler and so no repeats) every record is written, in the order of arrival. Segmentation masks are written by the rank that predicted them, as they come:
 gathering whole volumes to one process would only cost memory, and a volume predicted twice writes the same file.
 """
 
@@ -50,14 +52,11 @@ DIAMETER_COLUMN = "diameter_mm"
 
 class PredictionWriter(BasePredictionWriter):
     """The shared part of the writers: where files go, one record per input collected from every batch, gathered to
-    rank 0 at the end of the predict epoch and written once by :meth:`write`.
+    rank 0 at the end of the predict epoch and written once by :meth:`write` (each dataset index once).
 
     Args:
         output_dir: folder of the written files; None: ``<trainer.default_root_dir>/predictions``.
     """
-
-    #: The record field that identifies an input (a repeat of it is dropped).
-    key: str = "path"
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
@@ -96,8 +95,9 @@ class PredictionWriter(BasePredictionWriter):
             return
         gathered.sort(key=lambda entry: entry[:4])
         unique: dict[Any, dict[str, Any]] = {}
-        for *_, record in gathered:
-            unique.setdefault(record[self.key], record)
+        for dataloader, index, batch, position, record in gathered:
+            # A padding sampler's repeat has the index of the original; without indices nothing repeats.
+            unique.setdefault((dataloader, index) if index >= 0 else (dataloader, index, batch, position), record)
         for path in self.write(trainer, pl_module, list(unique.values())):
             log.info("%s: %d predictions written to %s", type(self).__name__, len(unique), path)
 
@@ -151,7 +151,9 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 class ClassificationWriter(PredictionWriter):
-    """``classification.csv``: one row per input with ``path``, ``prob_<class>`` per class and ``predicted``.
+    """``classification.csv``: one row per input with ``path``, ``prob_<class>`` per class and ``predicted``; for
+    candidates (a prediction with ``coordinates``) ``coordX, coordY, coordZ`` after the path, the candidate's
+    position as its CSV gives it, so that the rows join back onto the candidates CSV.
 
     Class names come from the data module's ``classes`` when it has one name per probability column, else they
     are the column indices. ``predicted`` is the most probable class; for a multilabel task (the module's
@@ -172,7 +174,12 @@ class ClassificationWriter(PredictionWriter):
         if probabilities.ndim != 2 or len(probabilities) != len(paths):
             raise ValueError(f"ClassificationWriter needs probabilities [B, C] for B paths, got "
                              f"{probabilities.shape} for {len(paths)} paths")
-        return [{"path": path, "probabilities": row} for path, row in zip(paths, probabilities)]
+        records = [{"path": path, "probabilities": row} for path, row in zip(paths, probabilities)]
+        if "coordinates" in prediction:
+            coordinates = _numpy(prediction["coordinates"]).astype(np.float64).reshape(len(paths), 3)
+            for record, position in zip(records, coordinates):
+                record["coordinates"] = position
+        return records
 
     def write(self, trainer: Trainer, pl_module: LightningModule, records: list[dict[str, Any]]) -> list[Path]:
         width = len(records[0]["probabilities"]) if records else 0
@@ -186,8 +193,10 @@ class ClassificationWriter(PredictionWriter):
                 predicted = ";".join(name for name, p in zip(names, probabilities) if p >= 0.5)
             else:
                 predicted = names[int(np.argmax(probabilities))]
-            rows.append([record["path"], *(f"{p:.6g}" for p in probabilities), predicted])
-        header = ["path", *(f"prob_{name}" for name in names), "predicted"]
+            position = [repr(float(c)) for c in record["coordinates"]] if "coordinates" in record else []
+            rows.append([record["path"], *position, *(f"{p:.6g}" for p in probabilities), predicted])
+        coordinates = list(CANDIDATE_COLUMNS[1:4]) if records and "coordinates" in records[0] else []
+        header = ["path", *coordinates, *(f"prob_{name}" for name in names), "predicted"]
         return [_write_text(self.output_folder(trainer) / self.filename, _csv_text(header, rows))]
 
 
@@ -201,8 +210,6 @@ class DetectionWriter(PredictionWriter):
         output_dir: folder of the CSV; None: ``<trainer.default_root_dir>/predictions``.
         filename: the CSV's file name.
     """
-
-    key = "seriesuid"
 
     def __init__(self, output_dir: str | None = None, filename: str = "candidates.csv") -> None:
         super().__init__(output_dir)

@@ -166,18 +166,23 @@ class ClassificationSamples(Dataset):
     """Samples ``[N, S, S]`` in [0, 1] (slabs or whole volumes) and labels.
 
     Items: ``volume`` ``[N, 1, S, S]`` (normalised), ``label`` (int), ``index`` (position, to count each sample
-    once in distributed evaluation) and ``path`` (the volume file). With ``augment``: random flips of rows and
-    columns.
+    once in distributed evaluation), ``path`` (the volume file) and, for candidate slabs, ``world`` (the
+    candidate's coordinates as its CSV gives them: several candidates share a path, and the prediction CSV needs
+    them to tell the rows apart). With ``augment``: random flips of rows and columns.
     """
 
     def __init__(
-        self, samples: Sequence[Tensor], labels: Sequence[int], paths: Sequence[str], augment: bool = False
+        self, samples: Sequence[Tensor], labels: Sequence[int], paths: Sequence[str], augment: bool = False,
+        worlds: Sequence[tuple[float, float, float]] | None = None,
     ) -> None:
         if not len(samples) == len(labels) == len(paths):
             raise ValueError(f"{len(samples)} samples, {len(labels)} labels and {len(paths)} paths")
+        if worlds is not None and len(worlds) != len(samples):
+            raise ValueError(f"{len(samples)} samples and {len(worlds)} candidate positions")
         self.samples = list(samples)
         self.labels = list(labels)
         self.paths = list(paths)
+        self.worlds = list(worlds) if worlds is not None else None
         self.augment = augment
 
     def __len__(self) -> int:
@@ -189,16 +194,20 @@ class ClassificationSamples(Dataset):
             for axis in (1, 2):
                 if torch.rand(()) < 0.5:
                     volume = volume.flip(axis)
-        return {
+        item = {
             "volume": to_encoder_input(volume)[:, None].contiguous(),
             "label": self.labels[index],
             "index": index,
             "path": self.paths[index],
         }
+        if self.worlds is not None:
+            item["world"] = self.worlds[index]
+        return item
 
 
 def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples, zero-padding the slice axis to the longest; ``padding_mask`` [B, N] is True where padded."""
+    """Stack samples, zero-padding the slice axis to the longest; ``padding_mask`` [B, N] is True where padded;
+    candidates' ``world`` as ``[B, 3]`` float64 (the CSV's numbers exactly)."""
     longest = max(item["volume"].shape[0] for item in items)
     volumes, masks = [], []
     for item in items:
@@ -206,13 +215,16 @@ def collate_padded(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pad = longest - volume.shape[0]
         volumes.append(F.pad(volume, (0, 0, 0, 0, 0, 0, 0, pad)))
         masks.append(torch.arange(longest) >= volume.shape[0])
-    return {
+    batch = {
         "volume": torch.stack(volumes),
         "padding_mask": torch.stack(masks),
         "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "path": [item["path"] for item in items],
     }
+    if "world" in items[0]:
+        batch["world"] = torch.tensor([item["world"] for item in items], dtype=torch.float64)
+    return batch
 
 
 class VolumeClassificationData(LightningDataModule):
@@ -302,7 +314,9 @@ class VolumeClassificationData(LightningDataModule):
         samples: list[Tensor] = []
         labels: list[int] = []
         paths: list[str] = []
+        worlds: list[tuple[float, float, float]] | None = None
         if self.hparams.candidates is not None:
+            worlds = []
             by_volume: dict[str, list[Candidate]] = {}
             for candidate in items:
                 by_volume.setdefault(candidate.path, []).append(candidate)
@@ -317,6 +331,7 @@ class VolumeClassificationData(LightningDataModule):
                 samples.extend(checks[position].loaded)
                 labels.extend(c.label for c in groups[position][1])
                 paths.extend(c.path for c in groups[position][1])
+                worlds.extend(c.world for c in groups[position][1])
         else:
 
             def load(item: Any) -> FileCheck:
@@ -329,7 +344,7 @@ class VolumeClassificationData(LightningDataModule):
                 samples.append(checks[position].loaded)
                 labels.append(items[position].label)
                 paths.append(items[position].path)
-        return ClassificationSamples(samples, labels, paths, augment=augment)
+        return ClassificationSamples(samples, labels, paths, augment=augment, worlds=worlds)
 
     def _candidate_slabs(self, path: str, group: Sequence[Candidate]) -> list[Tensor]:
         """Load one volume with world geometry and cut the slab of each of its candidates."""

@@ -139,6 +139,11 @@ class VolumeClassifier(DownstreamTask):
         return metrics
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """``paths`` of the volumes and their class ``probabilities`` ``[B, num_classes]``."""
+        """``paths`` of the volumes and their class ``probabilities`` ``[B, num_classes]``; for candidates also
+        their ``coordinates`` ``[B, 3]`` (world mm as the candidates CSV gives them), which tell the rows of one
+        volume's candidates apart."""
         probabilities = self(batch["volume"], batch.get("padding_mask")).float().softmax(dim=1)
-        return {"paths": list(batch["path"]), "probabilities": probabilities}
+        prediction = {"paths": list(batch["path"]), "probabilities": probabilities}
+        if "world" in batch:
+            prediction["coordinates"] = batch["world"]
+        return prediction
