@@ -26,7 +26,7 @@ from jointssl.downstream.detection.data import (
     val_transform,
     write_synthetic_nodule_ct,
 )
-from jointssl.downstream.detection.metrics import detection_metrics, froc_from_matches, match_detections
+from jointssl.downstream.detection.metrics import evaluate_detections, froc_from_matches, match_detections
 from jointssl.downstream.detection.module import NoduleDetector, ScanDetections, gather_scan_detections
 from jointssl.downstream.inflate import InflationError, inflate_to_3d, reorient_kernel
 from tests.downstream_fixtures import saved_figures
@@ -173,7 +173,7 @@ def test_froc_matches_hand_computation() -> None:
         np.zeros((0, 6)),
     ]
     pred_scores = [np.array([0.9, 0.8, 0.3]), np.array([0.7, 0.5, 0.4]), np.array([0.95, 0.3]), np.zeros(0)]
-    metrics = detection_metrics(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.1)
+    metrics, _ = evaluate_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.1)
     expected = {0.125: 0.0, 0.25: 1 / 3, 0.5: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 1.0, 8: 1.0}
     for rate, sensitivity in expected.items():
         assert metrics[f"sensitivity_fp{rate:g}"] == pytest.approx(sensitivity), rate

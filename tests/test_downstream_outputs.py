@@ -27,7 +27,7 @@ from jointssl.downstream import (
     SliceSegmenter,
     VolumeClassificationData,
     VolumeClassifier,
-    detection_metrics,
+    evaluate_detections,
 )
 from tests.conftest import shared_path
 from tests.test_classification import make_class_folders
@@ -171,8 +171,8 @@ def test_detection_csv_round_trips_through_the_froc(tmp_path: Path) -> None:
     assert [scan["seriesuid"] for scan in read] == uids and len(read[3]["scores"]) == 0  # D: no row, still a scan
     boxes = [np.concatenate([s["centers"] - s["diameters"][:, None] / 2, s["centers"] + s["diameters"][:, None] / 2],
                             axis=1) for s in read]
-    metrics = detection_metrics(boxes, [s["scores"] for s in read], gt_boxes, iou_threshold=0.1)
-    assert metrics == detection_metrics(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.1)
+    metrics, _ = evaluate_detections(boxes, [s["scores"] for s in read], gt_boxes, iou_threshold=0.1)
+    assert metrics == evaluate_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold=0.1)[0]
     assert metrics["froc_cpm"] == pytest.approx(13 / 21)
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from jointssl.callbacks.figures import DPI, froc_figure, overlay_figure, roc_figure, save_figure
+from jointssl.downstream.detection.metrics import FROC_FP_RATES, FROCCurve
 
 
 def png_of(figure, path: Path) -> np.ndarray:
@@ -54,17 +55,17 @@ def test_froc_has_the_cpm_in_its_title_and_a_log2_axis(tmp_path: Path) -> None:
     fps = np.array([0.0, 0.1, 0.3, 1.0, 3.0, 9.0])
     sensitivity = np.array([0.0, 0.5, 0.6, 0.7, 0.8, 0.9])
     at_rates = [0.5, 0.55, 0.63, 0.7, 0.75, 0.8, 0.81]
-    figure = froc_figure(fps, sensitivity, sensitivity_at_rates=at_rates)
+    figure = froc_figure(FROCCurve(fps, sensitivity, FROC_FP_RATES, np.array(at_rates)))
     [axes] = figure.axes
     assert axes.get_title() == f"FROC (CPM {np.mean(at_rates):.3f})"
     assert axes.get_xscale() == "log"
     assert [t.get_text() for t in axes.get_xticklabels()] == ["1/8", "1/4", "1/2", "1", "2", "4", "8"]
     assert png_of(figure, tmp_path / "froc.png").shape == (450, 600)
-    # Without the sensitivities at the rates they are read from the curve, as the detection metrics read them.
+    # A curve of points alone: the sensitivities at the rates are read from it, as the detection metrics read them.
     from jointssl.downstream.detection.metrics import sensitivity_at
 
     expected = np.mean([sensitivity_at(r, fps, sensitivity) for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)])
-    assert froc_figure(fps, sensitivity).axes[0].get_title() == f"FROC (CPM {expected:.3f})"
+    assert froc_figure(FROCCurve.from_points(fps, sensitivity)).axes[0].get_title() == f"FROC (CPM {expected:.3f})"
 
 
 def test_overlay_shows_each_slice_with_its_dice(tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def fake_trainer(root: Path, **overrides) -> SimpleNamespace:
 
 
 def test_save_figure_writes_a_png_beside_the_checkpoints(tmp_path: Path) -> None:
-    figure = froc_figure(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+    figure = froc_figure(FROCCurve.from_points([0.0, 1.0], [0.0, 1.0]))
     path = save_figure(fake_trainer(tmp_path), "froc", figure)
     assert path == tmp_path / "checkpoints" / "figures" / "froc_epoch004.png"
     with Image.open(path) as image:
@@ -103,9 +104,10 @@ def test_save_figure_writes_a_png_beside_the_checkpoints(tmp_path: Path) -> None
     assert [p.name for p in path.parent.iterdir()] == ["froc_epoch004.png"]  # no temporary left
 
     checkpoints = SimpleNamespace(dirpath=str(tmp_path / "elsewhere"))
-    path = save_figure(fake_trainer(tmp_path, checkpoint_callback=checkpoints), "froc", froc_figure([0, 1], [0, 1]))
+    curve = FROCCurve.from_points([0, 1], [0, 1])
+    path = save_figure(fake_trainer(tmp_path, checkpoint_callback=checkpoints), "froc", froc_figure(curve))
     assert path == tmp_path / "elsewhere" / "figures" / "froc_epoch004.png" and path.is_file()
-    assert save_figure(fake_trainer(tmp_path / "r1", is_global_zero=False), "froc", froc_figure([0, 1], [0, 1])) is None
+    assert save_figure(fake_trainer(tmp_path / "r1", is_global_zero=False), "froc", froc_figure(curve)) is None
     assert not (tmp_path / "r1").exists()  # only rank 0 writes
 
 

@@ -1,6 +1,6 @@
 """Pictures of validation results: ROC curves (classification), FROC curves (detection) and segmentation overlays.
 
-The ``*_figure`` functions are pure: arrays in, a matplotlib ``Figure`` out. They build ``Figure`` objects directly
+The ``*_figure`` functions are pure: arrays (a ``FROCCurve`` for FROC) in, a matplotlib ``Figure`` out. They build ``Figure`` objects directly
 (never through ``pyplot``), so no GUI backend is selected, no global figure registry fills up over a long run, and
 rendering goes through Agg. :func:`save_figure` puts a figure where the run's user finds it: a W&B image when a
 ``WandbLogger`` is attached, otherwise a PNG beside the checkpoints
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,12 +20,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+if TYPE_CHECKING:
+    from jointssl.downstream.detection.metrics import FROCCurve
+
 log = logging.getLogger(__name__)
 
 #: Pixels per inch of every saved or logged figure (the figure sizes below are in inches).
 DPI = 100
-#: The FP-per-scan rates of the LUNA16 FROC (the x ticks of the FROC figure).
-FROC_TICKS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def roc_figure(probabilities: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> Figure:
@@ -74,30 +76,12 @@ def roc_figure(probabilities: np.ndarray, targets: np.ndarray, class_names: Sequ
     return figure
 
 
-def froc_figure(
-    fp_per_scan_rates: np.ndarray,
-    sensitivities: np.ndarray,
-    fp_rates: Sequence[float] = FROC_TICKS,
-    sensitivity_at_rates: Sequence[float] | None = None,
-) -> Figure:
-    """The FROC curve: sensitivity against false positives per scan on a log2 axis from 1/8 to 8, the
-    sensitivities at ``fp_rates`` marked, their mean (the CPM, the LUNA16 score) in the title.
-
-    Args:
-        fp_per_scan_rates, sensitivities: the curve's operating points in threshold order (``FROCCurve``'s
-            ``fps_per_scan`` and ``sensitivity``).
-        fp_rates: the rates the CPM averages over.
-        sensitivity_at_rates: the sensitivity at each rate (``FROCCurve.sensitivity_at_rates``); read from the
-            curve by ``detection.metrics.sensitivity_at`` when not given.
-    """
-    fps = np.asarray(fp_per_scan_rates, dtype=np.float64)
-    sensitivity = np.asarray(sensitivities, dtype=np.float64)
-    rates = np.asarray(fp_rates, dtype=np.float64)
-    if sensitivity_at_rates is None:
-        from jointssl.downstream.detection.metrics import sensitivity_at
-
-        sensitivity_at_rates = [sensitivity_at(rate, fps, sensitivity) for rate in rates]
-    at_rates = np.asarray(sensitivity_at_rates, dtype=np.float64)
+def froc_figure(curve: FROCCurve) -> Figure:
+    """The FROC curve: sensitivity against false positives per scan on a log2 axis over the curve's rates (1/8 to 8
+    for LUNA16), the sensitivities at those rates marked and the curve's CPM (the LUNA16 score) in the title, all
+    as the detection metrics computed them (``jointssl.downstream.detection.metrics.FROCCurve``)."""
+    fps, sensitivity = np.asarray(curve.fps_per_scan, np.float64), np.asarray(curve.sensitivity, np.float64)
+    rates, at_rates = np.asarray(curve.fp_rates, np.float64), np.asarray(curve.sensitivity_at_rates, np.float64)
     figure = Figure(figsize=(6, 4.5), dpi=DPI)
     axes = figure.add_subplot()
     # The curve stays at its last sensitivity beyond its last operating point (as sensitivity_at reads it).
@@ -114,7 +98,7 @@ def froc_figure(
     axes.set_xscale("log", base=2)
     axes.set_xticks(rates, [f"{r:g}" if r >= 1 else f"1/{round(1 / r)}" for r in rates])
     axes.set(xlim=(low, high), ylim=(0, 1.05), xlabel="false positives per scan", ylabel="sensitivity",
-             title=f"FROC (CPM {float(np.mean(at_rates)):.3f})")
+             title=f"FROC (CPM {curve.cpm:.3f})")
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()

@@ -7,7 +7,7 @@ from jointssl.downstream.detection import (
     FROC_FP_RATES,
     NoduleDetectionDataModule,
     NoduleDetector,
-    detection_metrics,
+    evaluate_detections,
     write_synthetic_nodule_ct,
 )
 from jointssl.downstream.export import ExportError, export_pretrained
@@ -32,7 +32,7 @@ __all__ = [
     "SliceUNet",
     "VolumeClassificationData",
     "VolumeClassifier",
-    "detection_metrics",
+    "evaluate_detections",
     "dice_per_class",
     "export_pretrained",
     "inflate_to_3d",

@@ -39,6 +39,16 @@ class FROCCurve:
     fp_rates: tuple[float, ...]
     sensitivity_at_rates: np.ndarray
 
+    @classmethod
+    def from_points(
+        cls, fps_per_scan: np.ndarray, sensitivity: np.ndarray, fp_rates: Sequence[float] = FROC_FP_RATES
+    ) -> FROCCurve:
+        """The curve of operating points in threshold order (starting at the origin), its sensitivities at
+        ``fp_rates`` read by :func:`sensitivity_at`."""
+        fps, sensitivity = np.asarray(fps_per_scan, np.float64), np.asarray(sensitivity, np.float64)
+        rates = tuple(float(r) for r in fp_rates)
+        return cls(fps, sensitivity, rates, np.array([sensitivity_at(rate, fps, sensitivity) for rate in rates]))
+
     @property
     def cpm(self) -> float:
         """Competition performance metric: the mean sensitivity over ``fp_rates``."""
@@ -100,8 +110,7 @@ def froc_from_matches(
         is_last_of_threshold[-1] = True
     fps = np.concatenate([[0.0], cumulative_fp[is_last_of_threshold] / num_scans])
     sensitivity = np.concatenate([[0.0], cumulative_tp[is_last_of_threshold] / num_nodules])
-    at_rates = np.array([sensitivity_at(rate, fps, sensitivity) for rate in rates])
-    return FROCCurve(fps, sensitivity, rates, at_rates)
+    return FROCCurve.from_points(fps, sensitivity, rates)
 
 
 def sensitivity_at(rate: float, fps: np.ndarray, sensitivity: np.ndarray) -> float:
@@ -129,7 +138,12 @@ def evaluate_detections(
     max_detections: int = 100,
     fp_rates: Sequence[float] = FROC_FP_RATES,
 ) -> tuple[dict[str, float], FROCCurve]:
-    """:func:`detection_metrics` and the FROC curve they were read from (for the FROC picture)."""
+    """FROC sensitivities, CPM and MONAI's COCO AP/AR for per-scan detections and ground truth, and the FROC curve
+    they were read from (for the FROC picture).
+
+    Metric keys: ``froc_cpm``, ``sensitivity_fp{rate}`` for each rate, and COCOMetric's ``AP_IoU_{t}_MaxDet_{m}``,
+    ``AR_...``, ``mAP_IoU_{t}_0.50_0.05_...``, ``mAR_...`` (the tutorial's validation metrics).
+    """
     coco = COCOMetric(classes=["nodule"], iou_list=[iou_threshold], max_detection=[max_detections], verbose=False)
     matches = match_detections(pred_boxes, pred_scores, gt_boxes, coco.iou_thresholds, max_detections)
     iou_index = int(np.flatnonzero(np.isclose(coco.iou_thresholds, iou_threshold))[0])
@@ -141,19 +155,3 @@ def evaluate_detections(
         coco_values = coco(matches)[0]
     metrics.update({k: float(v) for k, v in coco_values.items() if not k.startswith("nodule_")})
     return metrics, froc
-
-
-def detection_metrics(
-    pred_boxes: Sequence[np.ndarray],
-    pred_scores: Sequence[np.ndarray],
-    gt_boxes: Sequence[np.ndarray],
-    iou_threshold: float = 0.1,
-    max_detections: int = 100,
-    fp_rates: Sequence[float] = FROC_FP_RATES,
-) -> dict[str, float]:
-    """FROC sensitivities, CPM and MONAI's COCO AP/AR for per-scan detections and ground truth.
-
-    Keys: ``froc_cpm``, ``sensitivity_fp{rate}`` for each rate, and COCOMetric's ``AP_IoU_{t}_MaxDet_{m}``,
-    ``AR_...``, ``mAP_IoU_{t}_0.50_0.05_...``, ``mAR_...`` (the tutorial's validation metrics).
-    """
-    return evaluate_detections(pred_boxes, pred_scores, gt_boxes, iou_threshold, max_detections, fp_rates)[0]

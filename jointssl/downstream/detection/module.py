@@ -255,9 +255,7 @@ class NoduleDetector(DownstreamTask):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "froc_cpm")
         if np.isfinite(froc.cpm):
-            self.draw_figure("froc", lambda: froc_figure(
-                froc.fps_per_scan, froc.sensitivity, fp_rates=froc.fp_rates, sensitivity_at_rates=froc.sensitivity_at_rates,
-            ))
+            self.draw_figure("froc", lambda: froc_figure(froc))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per scan: ``seriesuid``; ``boxes`` ``[n, 6]`` (voxels of the RAS-oriented, resampled volume);
