@@ -9,9 +9,10 @@ class). The pretraining sees the *training split's* images only (no labels, no v
    resnet10t, d_model 128) whose 2D source is a CSV manifest of the training-split images instead of the synthetic
    data (no volumes, so only L_intra is active), for `--pretrain-steps` optimizer steps; everything else (model,
    SwAV settings, 2 x 48 px global + 2 x 24 px local crops, batch 32, LARS lr 0.6 x 32/256) is demo.yaml's. The derived YAML is written to <OUT> and its differences from demo.yaml are printed.
-2. Downstream (ImageClassifier, binary, balanced class weights, the same data module for every run): linear probe
-   (SGD, lr 0.1, no warm-up, cosine) and fine-tuning (AdamW, lr 1e-3, weight decay 0.05, 0.5 epoch warm-up,
-   cosine), 64 px inputs, batch 32, each from `pretrained=None` (random init of the same
+2. Downstream (ImageClassifier, binary, balanced class weights, the same data module for every run), both on the
+   downstream family's one recipe (AdamW, warm-up then cosine; jointssl.downstream.base): linear probe (lr 1e-3, no
+   weight decay, no warm-up, as configs/downstream/cxr_linear.yaml) and fine-tuning (lr 1e-3, weight decay 0.05,
+   0.5 epoch warm-up), 64 px inputs, batch 32, each from `pretrained=None` (random init of the same
    architecture) and from the pretraining checkpoint. Each run is seeded identically. The reported numbers are
    the validation metrics after the last epoch (no model selection on the validation set).
 
@@ -48,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--pretrain-batch-size", type=int, default=32)
     parser.add_argument("--linear-epochs", type=int, default=10)
-    parser.add_argument("--linear-lr", type=float, default=0.1)
+    parser.add_argument("--linear-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
