@@ -66,7 +66,11 @@ def interpolate_along_slices(features: Tensor, positions: Tensor, last_index: Te
     positions. Returns [B, H, M, C] in the dtype of ``features``.
     """
     batch, _, _, channels = features.shape
-    lower_float = positions.detach().floor()
+    # The neighbours' indices come from positions made finite and in range first: a NaN position (from a NaN
+    # activation) would otherwise become index -2**63 and an IndexError in gather. The weight below keeps the
+    # NaN, so the output and the loss are NaN and the training step's non-finite guard skips the step.
+    safe = torch.nan_to_num(positions.detach(), nan=0.0)
+    lower_float = torch.minimum(safe.clamp(min=0.0), last_index.view(batch, 1, 1).to(safe.dtype)).floor()
     # The weight keeps the gradient to the positions; the integer neighbours carry none.
     upper_weight = (positions - lower_float).unsqueeze(-1)
     lower = lower_float.long()
@@ -144,7 +148,9 @@ class SliceDistanceBias(nn.Module):
         distance = distance.float() if distance.dtype != torch.float64 else distance
         coordinate = torch.asinh(distance) * (self.bins_per_octave / math.log(2.0))
         coordinate = coordinate.clamp(-self.half_width, self.half_width) + self.half_width
-        lower = coordinate.detach().floor().clamp(max=2 * self.half_width - 1)
+        # NaN survives the clamp above; as an index it would be -2**63 (see interpolate_along_slices).
+        safe = torch.nan_to_num(coordinate.detach(), nan=0.0)
+        lower = safe.floor().clamp(min=0, max=2 * self.half_width - 1)
         upper_weight = coordinate - lower
         lower_index = lower.long().reshape(batch, heads, -1)
         table = self.table.to(distance.dtype).unsqueeze(0).expand(batch, -1, -1)
