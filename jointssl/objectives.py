@@ -63,6 +63,12 @@ class ClusteringObjective(nn.Module, abc.ABC):
     def project(self, features: Tensor) -> Tensor:
         return self.projection(features)
 
+    @torch.no_grad()
+    def assign(self, features: Tensor) -> Tensor:
+        """The head-0 prototype of each of ``features [B, in_dim]``: the best score of its projection (for SwAV
+        the learnt prototypes, for DeepCluster-v2 the last k-means centroids they hold)."""
+        return self.prototypes(self.project(features))[0].argmax(dim=1)
+
     @abc.abstractmethod
     def multicrop_loss(self, embeddings: list[Tensor], index: Tensor, use_queue: bool) -> TaskOutput:
         """`embeddings`: projected, L2-normalised [B, out_dim] per view (views 0 and 1 are the global ones)."""

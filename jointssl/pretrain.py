@@ -1,6 +1,7 @@
-"""JointSSL: the pretraining LightningModule. It wires the slice encoder (f_intra), the slice aggregator
-(f_inter), the heads and the three losses; each part lives in `jointssl.models` / `jointssl.losses` and is tested
-on its own.
+"""JointSSL: the pretraining LightningModule. It wires the volume encoder (f_intra + f_inter,
+`jointssl.models.VolumeEncoder`), the two clustering objectives (`jointssl.objectives`) and the mask decoder into
+the three losses; its callbacks (configure_callbacks) guard the numerics and monitor collapse
+(`jointssl.callbacks`). Each part is tested on its own.
 
 One step (docs/method.md): every 2D crop and every real slice of both volume views goes through f_intra in one
 batched pass per resolution; L_intra on the 2D crops and on paired slices of the two views; f_inter aggregates
@@ -10,8 +11,6 @@ each view's slices into a volume feature for L_inter; L_mask predicts masked sli
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -20,6 +19,9 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
 
 from jointssl import diagnostics, distributed
+from jointssl.callbacks.collapse_monitor import CollapseMonitor
+from jointssl.callbacks.numerics_guard import NumericsGuard
+from jointssl.callbacks.prediction_writers import EmbeddingWriter
 from jointssl.callbacks.resume import ExactResume
 from jointssl.checkpointing import AtomicCheckpoints
 from jointssl.losses import (
@@ -43,27 +45,6 @@ PARTS = ("encoder", "intra", "aggregator", "inter", "mask_decoder")
 RANK_STATE_KEY = "jointssl_rank_state"
 # Salts of the per-sample random choices (see `keyed_uniform`): one stream per purpose.
 _PICK_SLICES, _MASK_SLICES = 0, 1
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive training steps had a non-finite loss or gradient."""
-
-
-def describe_batch(batch: dict[str, Any], describe_sample: Callable[[int], str] | None = None, limit: int = 8) -> str:
-    """The samples of a training batch for messages: each stream's global indices and sources, and with
-    `describe_sample` (e.g. `JointDataModule.describe_sample`) the files behind the first `limit` of them."""
-    parts = []
-    for stream, fields in batch.items():
-        if fields is None:
-            continue
-        index = fields["index"].tolist()
-        sources = sorted(set(fields.get("source", [])))
-        more = f" (+{len(index) - limit} more)" if len(index) > limit else ""
-        text = f"{stream} index {index[:limit]}{more} from {', '.join(sources) or 'unknown sources'}"
-        if describe_sample is not None:
-            text += " (" + ", ".join(describe_sample(i) for i in index[:limit]) + more + ")"
-        parts.append(text)
-    return "; ".join(parts)
 
 
 class JointSSL(LightningModule):
@@ -197,8 +178,6 @@ class JointSSL(LightningModule):
             raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
         if min(intra_weight, inter_weight, mask_weight) < 0 or intra_weight + inter_weight + mask_weight == 0:
             raise ValueError("loss weights must be >= 0 and not all 0")
-        if max_consecutive_bad_steps < 1:
-            raise ValueError(f"max_consecutive_bad_steps must be >= 1, got {max_consecutive_bad_steps}")
         self.save_hyperparameters()
         task = dict(
             method=method, in_dim=d_model, hidden_dim=projection_hidden_dim, out_dim=projection_dim,
@@ -226,14 +205,12 @@ class JointSSL(LightningModule):
         self._frozen: set[str] = set(freeze)
         self._apply_freeze()
         self._sample_seed = 0  # set from torch's seed in setup
-        self._consecutive_bad_steps = 0
-        self._skipped_steps = 0
-        self._skip_optimizer_step = False
-        self._batch_samples: dict[str, Any] = {}
-        # BatchNorm running statistics and their copy from before the current step (set in on_train_start).
-        self._norm_statistics: list[Tensor] = []
-        self._norm_snapshot: list[Tensor] = []
-        self._last_intra_effective_rank: Tensor | None = None  # for the collapse alarm (read at epoch end)
+        # The module's own callbacks (configure_callbacks), configured from its hyper-parameters; training_step
+        # asks the guard whether a step's loss must be skipped.
+        self.numerics_guard = NumericsGuard(max_consecutive_bad_steps)
+        self.collapse_monitor = CollapseMonitor(
+            collapse_min_prototypes_used, collapse_min_entropy, collapse_min_effective_rank
+        )
 
     # ------------------------------------------------------------------ set-up
     def _init_from_checkpoint(self, path: str) -> None:
@@ -322,7 +299,13 @@ class JointSSL(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         # Part of the module, not of a config: without them a killed run cannot resume exactly (each rank's RNG
         # state, the loaders' positions) and a kill during a save could corrupt last.ckpt.
-        return [ExactResume(), AtomicCheckpoints()]
+        # The guard and the monitor are the module's too: they are configured by its hyper-parameters. `jointssl
+        # predict` writes embeddings and assignments unless the config has its own EmbeddingWriter (a returned
+        # callback would replace the configured one, and its output_dir).
+        callbacks: list[Callback] = [ExactResume(), AtomicCheckpoints(), self.numerics_guard, self.collapse_monitor]
+        if not any(isinstance(callback, EmbeddingWriter) for callback in self.trainer.callbacks):
+            callbacks.append(EmbeddingWriter())
+        return callbacks
 
     def train(self, mode: bool = True) -> JointSSL:
         super().train(mode)
@@ -448,12 +431,6 @@ class JointSSL(LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        # Found once, here: the model is on its device by now (moving it replaces the buffer tensors).
-        self._norm_statistics = [
-            buffer for module in self.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None
-        ]
-        self._norm_snapshot = [buffer.clone() for buffer in self._norm_statistics]
         # Only the banks of active losses (a DeepCluster-v2 mask-only stage would otherwise read a whole epoch of
         # data for nothing).
         intra_needs = self.hparams.intra_weight > 0 and self.intra.needs_memory()
@@ -483,46 +460,46 @@ class JointSSL(LightningModule):
         log.info("DeepCluster-v2 memory banks filled")
 
     def on_train_epoch_start(self) -> None:
-        self.intra_counts.zero_()
-        self.inter_counts.zero_()
         if self.hparams.intra_weight > 0:
             self.intra.on_epoch_start(seed=self.current_epoch)
         if self.hparams.inter_weight > 0 and getattr(self.trainer.datamodule, "num_volumes", 0) > 0:
             self.inter.on_epoch_start(seed=self.current_epoch)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | dict[str, Tensor]:
         self.intra.before_step()
         self.inter.before_step()
-        self._snapshot_norm_statistics()
         out = self.compute_losses(batch)
-        # Only the samples' identity is kept (described lazily: no device sync on good steps).
-        self._batch_samples = {k: {"index": v["index"], "source": v.get("source", [])} for k, v in batch.items() if v}
-        bad_terms = self._non_finite_terms(out)
-        if bad_terms:
-            # Every rank agreed to skip. Lightning refuses a None loss under DDP, so backward runs on an exact zero
-            # that reaches every trainable parameter (DDP's reducer expects all of them; the NaN graph is never
-            # touched) and on_before_optimizer_step then removes the gradients, so the optimizer updates nothing.
-            self._count_bad_step(f"non-finite loss term(s) {', '.join(bad_terms)}")
-            self._restore_norm_statistics()
-            self._skip_optimizer_step = True
-            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
-        if self._fp16():
-            self._consecutive_bad_steps = 0
-        for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
-            assignments = out.get(f"{name}_assignments")
-            if assignments is not None:
-                counts += torch.bincount(assignments[assignments >= 0], minlength=counts.numel())
+        skipped = self.numerics_guard.skip_non_finite_loss(
+            self, {name: out[name] for name in ("intra", "inter", "mask") if name in out}
+        )
+        if skipped is not None:
+            return skipped
         batch_size = self._batch_size(batch)
         for name in ("intra", "inter", "mask"):
             if name in out:
                 self.log(f"train/loss_{name}", out[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/loss", out["loss"], batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=batch_size)
         if self.trainer._logger_connector.should_update_logs:
             for name, value in self.compute_diagnostics(out).items():
                 self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
-        return out["loss"]
+        # The head-0 assignments go to the collapse monitor (on_train_batch_end).
+        return {"loss": out["loss"], **{k: out[k] for k in ("intra_assignments", "inter_assignments") if k in out}}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """One batch of JointDataModule.predict_dataloader (images or volumes, un-augmented): ``embeddings``
+        (f_intra of each image; the pooled volume feature of each volume, as L_inter sees it before its head) and
+        ``assignments`` (the head-0 prototype of the intra task for images, of the inter task for volumes), with
+        ``paths`` and ``kind`` for the EmbeddingWriter."""
+        if "pixels" in batch:
+            embeddings = self.volume_encoder.encode([batch["pixels"]])[0]
+            assignments = self.intra.assign(embeddings)
+        else:
+            embeddings = self.volume_encoder(batch["slices"], batch["padding_mask"])
+            assignments = self.inter.assign(embeddings)
+        return {"paths": batch["path"], "kind": batch["kind"], "embeddings": embeddings.float(),
+                "assignments": assignments}
 
     @torch.no_grad()
     def compute_diagnostics(self, out: dict[str, Any]) -> dict[str, Tensor]:
@@ -540,7 +517,6 @@ class JointSSL(LightningModule):
             values[f"{name}_effective_rank"] = diagnostics.effective_rank(inputs[f"{name}_features"])
         if "intra_features" in inputs:
             values["intra_embedding_norm"] = diagnostics.mean_norm(inputs["intra_features"])
-            self._last_intra_effective_rank = values.get("intra_effective_rank")
         if "mask" in inputs:
             predicted, target, mask, padding = inputs["mask"]
             for baseline_name, baseline in (
@@ -551,65 +527,6 @@ class JointSSL(LightningModule):
                 )
         return values
 
-    # ------------------------------------------------------------------ numerics guard
-    def _non_finite_terms(self, out: dict[str, Tensor]) -> list[str]:
-        """Loss terms that are not finite on any rank (one small all-reduce, so that all ranks skip together)."""
-        names = [name for name in ("intra", "inter", "mask") if name in out]
-        bad = torch.stack([~torch.isfinite(out[name].detach()).all() for name in names]).to(torch.int32)
-        bad = distributed.all_reduce_max(bad)
-        return [f"L_{name}" for name, flag in zip(names, bad.tolist()) if flag]
-
-    def _snapshot_norm_statistics(self) -> None:
-        """BatchNorm running statistics before the forward pass: a skipped step must not leave its NaN batch
-        statistics in them (training would go on, but every evaluation-mode use of the encoder would be NaN)."""
-        if self._norm_statistics:
-            torch._foreach_copy_(self._norm_snapshot, self._norm_statistics)
-
-    def _restore_norm_statistics(self) -> None:
-        if self._norm_statistics:
-            torch._foreach_copy_(self._norm_statistics, self._norm_snapshot)
-
-    def _fp16(self) -> bool:
-        return str(self.trainer.precision).startswith("16")
-
-    def _count_bad_step(self, what: str) -> None:
-        self._skipped_steps += 1
-        self._consecutive_bad_steps += 1
-        message = (
-            f"{what} at global step {self.global_step} (epoch {self.current_epoch}); step skipped "
-            f"({self._consecutive_bad_steps} in a row, {self._skipped_steps} in this run); batch: "
-            f"{describe_batch(self._batch_samples, getattr(self.trainer.datamodule, 'describe_sample', None))}"
-        )
-        if self._consecutive_bad_steps >= self.hparams.max_consecutive_bad_steps:
-            raise NonFiniteTrainingError(
-                f"stopping: {self._consecutive_bad_steps} consecutive non-finite steps "
-                f"(max_consecutive_bad_steps={self.hparams.max_consecutive_bad_steps}); last: {message}"
-            )
-        log.warning(message)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._skip_optimizer_step:
-            # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay).
-            self._skip_optimizer_step = False
-            optimizer.zero_grad(set_to_none=True)
-            return
-        # fp16: the gradient scaler skips steps with non-finite gradients itself (and must see them to lower its
-        # scale).
-        if self._fp16():
-            return
-        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        # DDP has already averaged the gradients, so every rank reaches the same verdict here.
-        norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
-        if bool(torch.isfinite(norms).all()):
-            self._consecutive_bad_steps = 0
-            return
-        bad = [name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
-        optimizer.zero_grad(set_to_none=True)
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        self._count_bad_step(f"non-finite gradient of {shown}")
-
     @staticmethod
     def _batch_size(batch: dict[str, Any]) -> int:
         return sum(stream["index"].shape[0] for stream in batch.values() if stream is not None)
@@ -619,39 +536,15 @@ class JointSSL(LightningModule):
             self.intra.drop_prototype_grads()
             self.inter.drop_prototype_grads()
 
-    def on_train_epoch_end(self) -> None:
-        rank = self._last_intra_effective_rank
-        if rank is not None and float(rank) < self.hparams.collapse_min_effective_rank:
-            log.warning(
-                "collapse alarm (f_intra, epoch %d): effective rank of a batch of embeddings %.2f (alarm below %.2f): "
-                "the embeddings lie close to one line", self.current_epoch, float(rank),
-                self.hparams.collapse_min_effective_rank,
-            )
-        for name, counts in (("intra", self.intra_counts), ("inter", self.inter_counts)):
-            counts = distributed.all_reduce_sum(counts.clone()).float()
-            if counts.sum() == 0:
-                continue
-            probs = counts / counts.sum()
-            nonzero = probs[probs > 0]
-            entropy = -(nonzero * nonzero.log()).sum() / math.log(max(2, counts.numel()))
-            used = (counts > 0).float().mean()
-            # Computed from all-reduced counts: the same on every rank (sync_dist averages identical values).
-            self.log(f"train/{name}_prototypes_used", used, sync_dist=True)
-            self.log(f"train/{name}_assignment_entropy", entropy, sync_dist=True)
-            # The largest cluster's share of the epoch's assignments: 1.0 means everything fell into one.
-            self.log(f"train/{name}_largest_cluster_fraction", probs.max(), sync_dist=True)
-            hp = self.hparams
-            if used < hp.collapse_min_prototypes_used or entropy < hp.collapse_min_entropy:
-                log.warning(
-                    "collapse alarm (%s, epoch %d): %.1f%% of %d prototypes used (alarm below %.1f%%), assignment "
-                    "entropy %.3f (alarm below %.3f), largest cluster %.1f%% of assignments",
-                    name, self.current_epoch, 100 * float(used), counts.numel(), 100 * hp.collapse_min_prototypes_used,
-                    float(entropy), hp.collapse_min_entropy, 100 * float(probs.max()),
-                )
-
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["jointssl_format_version"] = CHECKPOINT_FORMAT_VERSION
+        # LightningCLI records the class beside the hyper-parameters; a module built in Python has it too, so that
+        # `jointssl predict/validate --ckpt_path` can read every checkpoint's hyper-parameters (Lightning's CLI
+        # refuses bare ones under a `class_path` config: "Parsing of ckpt_path hyperparameters failed").
+        checkpoint.setdefault("hyper_parameters", {}).setdefault(
+            "_class_path", f"{type(self).__module__}.{type(self).__qualname__}"
+        )
         # Every rank runs this hook (only rank 0 writes the file), so each rank's own queues and banks can be
         # gathered: the state_dict alone holds rank 0's, and a resumed run needs every rank's back.
         buffers = dict(self.named_buffers())

@@ -146,7 +146,7 @@ def main() -> None:
         state = {k: v.detach().cpu().clone() for k, v in model.named_parameters()}
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save({"losses": recorder.losses, "state": state, "global_step": trainer.global_step,
-                    "skipped_steps": model._skipped_steps},
+                    "skipped_steps": model.numerics_guard.skipped_steps},
                    args.out / f"{args.method}_{args.devices}.pt")
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from jointssl.pretrain import JointSSL, NonFiniteTrainingError
+from jointssl.callbacks.numerics_guard import NonFiniteTrainingError
+from jointssl.pretrain import JointSSL
 from tests.test_pretrain import TINY_MODEL, fit, tiny_data
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from jointssl import distributed
 from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
 from jointssl.data.image_io import MIN_IMAGE_SIDE
+from jointssl.data.prediction_inputs import PredictionImages, PredictionVolumes, collate_predictions
 from jointssl.data.sampling import ResumableDataLoader, ResumableSampler, SeededDataset
 from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
 from jointssl.data.synthetic import SyntheticData, generate_synthetic_data
@@ -229,7 +230,7 @@ class JointDataModule(pl.LightningDataModule):
         then build both streams. Validation is split across ranks and its findings are shared, so each file is
         decoded once in total for validation and every rank keeps the same records; volumes are validated
         through their cache, so a validated volume is not decoded again for training."""
-        if stage not in (None, "fit") or self._ranges is not None:
+        if stage not in (None, "fit", "predict") or self._ranges is not None:
             return
         if self.synthetic is not None:
             # Idempotent: returns at once after prepare_data; generates when setup is called on its own.
@@ -271,7 +272,7 @@ class JointDataModule(pl.LightningDataModule):
         if volume_sources and not good:
             raise ValueError(f"no usable volumes found in {volume_sources}")
         slice_counts = [volume_checks[position].shape[0] for position in good]  # type: ignore[index]
-        self._build_streams(image_records, candidates.subset(good), slice_counts)
+        self._build_streams(image_records, candidates.subset(good), slice_counts, training=stage != "predict")
         logger.info(
             "2D stream: %d images from %d source(s) + %d volume slices; volume stream: %d volumes from %d "
             "source(s); %d global sample indices",
@@ -301,6 +302,22 @@ class JointDataModule(pl.LightningDataModule):
         self._train_loaders = loaders
         self._apply_loader_states()
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """For `jointssl predict` (JointSSL.predict_step): one loader over the 2D images, then one over the
+        volumes (each only when there are any), every input once, in record order, without augmentation
+        (jointssl.data.prediction_inputs). Lightning shards them under DDP with its distributed sampler."""
+        self._require_setup()
+        datasets: list[tuple[Dataset, int]] = []
+        if self._image_records:
+            datasets.append((PredictionImages(self._image_records, self.transform.global_crop_size), self.batch_size))
+        if self.volume_dataset is not None:
+            datasets.append((PredictionVolumes(self.volume_dataset.volumes, self.volume_size), self.volume_batch_size))
+        return [
+            DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                       collate_fn=collate_predictions, pin_memory=self.pin_memory and torch.cuda.is_available())
+            for dataset, batch_size in datasets
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """The position of the training loaders (saved in checkpoints by Lightning). Lightning also stores the
@@ -421,22 +438,22 @@ class JointDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------------
 
     def _build_streams(
-        self, image_records: list[ImageRecord], volumes: CachedVolumes, slice_counts: list[int]
+        self, image_records: list[ImageRecord], volumes: CachedVolumes, slice_counts: list[int], training: bool = True
     ) -> None:
-        """Check the stream sizes against the batch sizes, fill the volume cache, build the datasets and the
-        global index layout."""
+        """Check the stream sizes against the batch sizes (for training: prediction has no drop_last), fill the
+        volume cache, build the datasets and the global index layout."""
         n_images, n_volumes = len(image_records), len(volumes)
         stride = self.slice_stride
         n_slices = sum((count + stride - 1) // stride for count in slice_counts) if self.slice_stream else 0
         world = self._world_size()
         n_2d = n_images + n_slices
-        if n_2d and n_2d < self.batch_size * world:
+        if training and n_2d and n_2d < self.batch_size * world:
             raise ValueError(
                 f"only {n_2d} usable 2D samples ({n_images} images + {n_slices} volume slices), fewer than "
                 f"batch_size x world_size = {self.batch_size} x {world}: with drop_last no complete batch "
                 "exists; lower batch_size or add data"
             )
-        if n_volumes and n_volumes < self.volume_batch_size * world:
+        if training and n_volumes and n_volumes < self.volume_batch_size * world:
             raise ValueError(
                 f"only {n_volumes} usable volumes, fewer than volume_batch_size x world_size = "
                 f"{self.volume_batch_size} x {world}: with drop_last no complete volume batch exists; lower "
