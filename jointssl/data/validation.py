@@ -41,6 +41,7 @@ from jointssl import distributed
 from jointssl.checkpointing import write_atomic
 from jointssl.data.errors import BadFileError, DataValidationError
 from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, decode_image_2d
+from jointssl.data.intensity import check_unit_intensities
 from jointssl.data.volume_io import ModalityChoice, load_volume, read_volume_header
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ OnBadFile = Literal["error", "skip"]
 T = TypeVar("T")
 #: Bump when a check's result for the same file and settings can change (a decoder or a rule changed), so that
 #: results cached by an older jointssl are not reused.
-VALIDATION_CACHE_VERSION = 1
+VALIDATION_CACHE_VERSION = 2  # 2: images and volumes are also checked after normalisation (issue 14)
 _CACHE_FORMAT = "jointssl-validation-cache"
 
 
@@ -367,9 +368,11 @@ def _cache_key(path: str) -> str:
 
 
 def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> FileCheck:
-    """Decode one 2D image as training will (:func:`~jointssl.data.image_io.decode_image_2d`) and check its size."""
+    """Decode one 2D image as training will (:func:`~jointssl.data.image_io.decode_image_2d`) and check its size
+    and its [0, 1] intensities (an all-black or constant image, non-finite values: the check volumes get too)."""
     decoded = decode_image_2d(path)
     check_image_size(path, decoded.array, min_side)
+    check_unit_intensities(str(path), decoded.array, "decoding to [0, 1]")
     return FileCheck(str(path), None, tuple(decoded.array.shape), decoded.notes)
 
 

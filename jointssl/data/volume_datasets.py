@@ -47,7 +47,7 @@ logger = logging.getLogger("jointssl.data")
 
 CacheMode = Literal["auto", "none", "memory", "disk"]
 # Bump when the cached content or load_volume's output changes, so that old disk caches are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: load_volume normalises in float64 and refuses untrainable results (issue 14)
 _LOAD_PARAMETERS = set(inspect.signature(load_volume).parameters) - {"path"}
 
 

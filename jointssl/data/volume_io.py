@@ -61,7 +61,13 @@ from monai.utils import convert_to_tensor
 from jointssl.data.errors import BadFileError
 from jointssl.data.file_checks import display_suffix, has_suffix, require_regular_file
 from jointssl.data.geometry import RAS_AXES_FOR_LAYOUT, RAS_LABELS, SliceAxis
-from jointssl.data.intensity import percentiles_to_unit, window_to_unit
+from jointssl.data.image_io import MIN_IMAGE_SIDE
+from jointssl.data.intensity import (
+    check_raw_intensities,
+    check_unit_intensities,
+    percentiles_to_unit,
+    window_to_unit,
+)
 from jointssl.data.volume_readers import (
     DICOM_SERIES,
     FILE_READERS,
@@ -136,6 +142,7 @@ def load_volume(
     hu_window: tuple[float, float] = (-1000.0, 1000.0),
     mr_percentiles: tuple[float, float] = (0.5, 99.5),
     min_slices: int = 3,
+    min_in_plane: int = MIN_IMAGE_SIDE,
 ) -> LoadedVolume:
     """Read, validate, reorient, resample and normalise one volume.
 
@@ -149,18 +156,25 @@ def load_volume(
         hu_window: the Hounsfield window for CT.
         mr_percentiles: the lower and upper percentiles for MR.
         min_slices: fewer slices than this (before or after resampling) make the volume a bad file.
+        min_in_plane: slices with a side under this many pixels (before resizing) make the volume a bad file; the
+            same minimum as a 2D image's (:data:`~jointssl.data.image_io.MIN_IMAGE_SIDE`).
 
     Raises:
-        BadFileError: the file cannot be read or is not a usable 3D volume.
+        BadFileError: the file cannot be read or is not a usable 3D volume, or its normalised intensities are not
+            (:func:`~jointssl.data.intensity.check_unit_intensities`).
     """
     if modality not in ("ct", "mr", "auto"):
         raise ValueError(f"modality must be 'ct', 'mr' or 'auto', got {modality!r}")
-    raw = read_volume(path, slice_axis, in_plane_size, target_spacing, "linear", min_slices)
+    raw = read_volume(path, slice_axis, in_plane_size, target_spacing, "linear", min_slices, min_in_plane)
     resolved = modality if modality != "auto" else infer_modality(raw)
     if resolved == "ct":
         normalised = window_to_unit(raw.array, *hu_window)
+        normalisation = f"the CT window (hu_window {hu_window[0]:g}..{hu_window[1]:g})"
     else:
         normalised = percentiles_to_unit(raw.array, mr_percentiles)
+        normalisation = f"the MR normalisation (mr_percentiles {mr_percentiles[0]:g}..{mr_percentiles[1]:g})"
+    # What training is given, checked here where check-data and fit's setup both load it (and a cache is filled).
+    check_unit_intensities(raw.path, normalised, normalisation, raw.array)
     return LoadedVolume(
         array=normalised, spacing=raw.spacing, path=raw.path, modality=resolved, notes=raw.notes
     )
@@ -173,6 +187,7 @@ def read_volume(
     target_spacing: tuple[float, float, float] | None = None,
     interpolation: Interpolation = "linear",
     min_slices: int = 3,
+    min_in_plane: int = 1,
 ) -> RawVolume:
     """Read and validate one volume and bring it into the slice layout, keeping its original values.
 
@@ -193,7 +208,9 @@ def read_volume(
     else:  # .npy: H x W x D as stored (module docstring)
         array, spacing = np.moveaxis(np.asarray(image), 2, 0), (1.0, 1.0, 1.0)
     _check_voxel_values(array, path_str)
+    check_raw_intensities(path_str, array)  # before resizing: float32 sums of a -3e38 fill overflow
     _check_slice_count(array, path_str, min_slices)
+    _check_in_plane_size(array, path_str, min_in_plane, in_plane_size)
     if in_plane_size is not None:
         rows, cols = array.shape[1:]
         array = _resize_in_plane(array, in_plane_size, interpolation)
@@ -372,6 +389,19 @@ def _check_voxel_values(array: np.ndarray, path: str) -> None:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise BadFileError(path, f"constant volume (every voxel is {low:g})")
+
+
+def _check_in_plane_size(array: np.ndarray, path: str, min_side: int, in_plane_size: int | None) -> None:
+    """Refuse slices too small to learn from: 2 x 2 pixels resized to 256 x 256 are a smooth ramp, not anatomy
+    (often a volume saved with its axes in the wrong order)."""
+    rows, cols = array.shape[1:]
+    if min(rows, cols) < min_side:
+        target = f"{in_plane_size}x{in_plane_size}" if in_plane_size is not None else "the view size"
+        raise BadFileError(
+            path,
+            f"slices are {rows}x{cols} pixels (rows x columns); the minimum side is {min_side} (they would be "
+            f"upsampled to {target}: are the axes in the right order?)",
+        )
 
 
 def _check_slice_count(array: np.ndarray, path: str, min_slices: int) -> None:
