@@ -17,6 +17,11 @@ that validation reports them; other files (.json sidecars, notes) are ignored an
 ``path`` or ``image`` (required), ``modality`` (CT/MR/empty) and ``source`` (optional).
 
 The source name of a record is the manifest's ``source`` column, else the folder's or the manifest's name.
+
+A source that yields nothing (an empty folder, a folder of hidden or non-volume files, a header-only manifest) is
+a problem naming the source: it is almost always a wrong path or an export that failed, and it would otherwise
+only show as fewer samples. A file that several sources list (two manifests, a manifest and a folder, nested
+folders; compared by absolute path) is used once, with a note naming both sources.
 """
 
 from __future__ import annotations
@@ -62,28 +67,44 @@ class ImageRecord:
 class SourceScan:
     """What a scan of sources found, every problem kept rather than raised: ``records`` (ImageRecord or
     VolumeRecord), ``problems`` (manifest rows and source files that cannot be used, each naming the manifest and
-    line, or the file), ``notes`` ((path, text) on links not followed, repeated manifest rows, empty manifests),
-    ``ignored`` (files in volume folders that are not volumes) and ``origins`` ("<manifest> line <n>" of each
-    volume a manifest listed, for check-data to trace a volume that fails to load back to its row; an image
-    manifest's rows are checked for their files while it is read)."""
+    line, or the file, and sources that yield nothing), ``notes`` ((path, text) on links not followed, repeated
+    manifest rows, files listed by two sources), ``ignored`` (files in volume folders that are not volumes),
+    ``origins`` ("<manifest> line <n>" of each volume a manifest listed, for check-data to trace a volume that fails
+    to load back to its row; an image manifest's rows are checked for their files while it is read) and
+    ``listed_by`` (the source that listed each record, by absolute path: :meth:`extend` keeps the first of a file
+    that several sources list)."""
 
     records: list = field(default_factory=list)
     problems: list[BadFileError] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)
+    listed_by: dict[str, str] = field(default_factory=dict)
 
     def extend(self, other: SourceScan) -> None:
-        """Add what another scan found (e.g. of one more source)."""
-        self.records += other.records
+        """Add what another scan found (e.g. of one more source); a record this scan holds already (another
+        source listed the same file) is left out with a note naming both sources."""
         self.problems += other.problems
         self.notes += other.notes
+        records = other.records
+        if not self.records and len(other.listed_by) == len(records):
+            # The first source (a file listed once each): nothing to compare with, and a 100k-file scan stays fast.
+            self.records, self.listed_by, records = list(records), dict(other.listed_by), []
+        for record in records:
+            key = _identity(record.path)
+            if key in self.listed_by:
+                first, again = self.listed_by[key], other.listed_by.get(key, "another source")
+                self.notes.append((record.path, f"listed by {first} and again by {again}: used once"))
+                continue
+            self.records.append(record)
+            self.listed_by[key] = other.listed_by.get(key, "")
         self.ignored += other.ignored
         self.origins.update(other.origins)
 
     def log_notes(self) -> None:
+        # Warnings, as check-data prints them: a repeated manifest row or a file listed twice changes what trains.
         for path, note in self.notes:
-            logger.info("%s: %s", path, note)
+            logger.warning("%s: %s", path, note)
         for path in self.ignored:
             logger.info("%s: %s: ignored", path, NOT_A_VOLUME)
 
@@ -100,14 +121,16 @@ def scan_image_sources(sources: Sequence[str | os.PathLike]) -> SourceScan:
     scan = SourceScan()
     for source in sources:
         path = Path(source).expanduser()
+        found = SourceScan()
         if path.is_dir():
-            scan.records.extend(_image_folder(path, scan.notes))
+            found.records.extend(_image_folder(path, found.notes))
         elif path.is_file() and path.suffix.lower() == ".csv":
-            _image_manifest(path, scan)
+            _image_manifest(path, found)
         elif not path.exists():
             raise FileNotFoundError(f"image source does not exist: {path}")
         else:
             raise ValueError(f"image source must be a folder or a .csv manifest, got the file {path}")
+        _add_source(scan, found, path, "2D images")
     return scan
 
 
@@ -168,20 +191,46 @@ def scan_volume_sources(sources: Iterable[str | os.PathLike]) -> SourceScan:
     scan = SourceScan()
     for source in sources:
         path = Path(source).expanduser()
+        found = SourceScan()
         if path.is_dir() and not has_suffix(path.name, VOLUME_FILE_SUFFIXES):
-            scan.records.extend(_volume_folder(path, scan.notes, scan.ignored))
+            found.records.extend(_volume_folder(path, found.notes, found.ignored))
         elif path.is_file() and path.suffix.lower() == ".csv":
-            _volume_manifest(path, scan)
+            _volume_manifest(path, found)
         elif path.exists() or path.is_symlink():
             try:
                 volume_kind(str(path))  # raises for unsupported files and folders named like volume files
             except BadFileError as error:
                 scan.problems.append(error)
                 continue
-            scan.records.append(VolumeRecord(str(path), path.parent.name))
+            found.records.append(VolumeRecord(str(path), path.parent.name))
         else:
             raise BadFileError(path, "source does not exist")
+        _add_source(scan, found, path, "volumes")
     return scan
+
+
+def _add_source(scan: SourceScan, found: SourceScan, source: Path, what: str) -> None:
+    """Add what one source yielded to ``scan`` (:meth:`SourceScan.extend`: a file an earlier source listed is used
+    once); a source that yielded nothing and reported no problem is a problem naming it."""
+    if not found.records and not found.problems:
+        if source.is_dir():
+            ignored = f" ({len(found.ignored)} other file(s) ignored)" if found.ignored else ""
+            reason = f"no usable {what}: the folder holds no {_WHAT_A_FOLDER_HOLDS[what]}{ignored}"
+        else:
+            reason = f"no usable {what}: the manifest lists none (a header row only)"
+        found.problems.append(BadFileError(source, reason))
+    found.listed_by = {_identity(record.path): str(source) for record in found.records}
+    scan.extend(found)
+
+
+def _identity(path: str) -> str:
+    """A record's file as an absolute path (image records are absolute and normalised already: abspath would
+    cost more than the rest of a 100k-image scan's bookkeeping)."""
+    return path if os.path.isabs(path) else os.path.abspath(path)
+
+
+# How an empty folder source is described, by what it should hold.
+_WHAT_A_FOLDER_HOLDS = {"2D images": "files (hidden files are skipped)", "volumes": "volume files or DICOM series"}
 
 
 def discover_volumes(sources: Iterable[str | os.PathLike]) -> list[VolumeRecord]:
@@ -264,9 +313,6 @@ def _is_detached_data(name: str, lower_names: set[str]) -> bool:
 def _volume_manifest(manifest: Path, scan: SourceScan) -> None:
     table = read_manifest(manifest, required=[("path", "image")], path_key=("path", "image"), what="volume manifest")
     scan.notes.extend((f"{manifest} line {line}", text) for line, text in table.notes)
-    if not table.rows:
-        scan.notes.append((str(manifest), "manifest lists no volumes"))
-        return
     column = table.column("path", "image")
 
     def parse(row: ManifestRow) -> VolumeRecord:

@@ -12,8 +12,9 @@ What every manifest gets, wherever it is used:
   are one column); cell values are stripped. A column named twice is an error.
 * Rows: line numbers are those of the file (the header is line 1; a quoted cell spanning lines counts them all),
   rows of empty cells (Excel's trailing ``,,,``) are skipped, a row with more cells than the header (an unquoted
-  comma in a path?) is an error. A row repeating an earlier row exactly is dropped with a note; with ``key``, a row
-  naming the same file as an earlier row (``path_key``) with other values is an error.
+  comma in a path?) is an error. A row repeating an earlier row exactly is dropped with a note; with ``path_key``, so
+  is a row naming the same file as an earlier row in another spelling (``./a.png``) with the same other values, and
+  one naming it with other values is an error.
 * Paths: ``~`` is expanded and relative paths are taken relative to the manifest's folder; spaces and non-ASCII
   characters are kept as they are.
 * Errors: every problem of a manifest (missing columns, bad rows: the callers' own checks included, via
@@ -218,8 +219,15 @@ def read_manifest(
         if key is not None and row.text(key):
             identity = resolve_path(path, row.text(key))
             if identity in keys:
-                result.problems.append((start, f"{key} {row.text(key)!r} is listed again with other values "
-                                               f"(first at line {keys[identity][0]})"))
+                first_line, first_values = keys[identity]
+                position = columns.index(key)
+                if values[:position] + values[position + 1:] == first_values[:position] + first_values[position + 1:]:
+                    # The same file spelt another way (./a.png, an absolute path) with the same values: a repeat.
+                    result.notes.append((start, f"repeats line {first_line} (the same file, {row.text(key)!r}): "
+                                                "ignored"))
+                else:
+                    result.problems.append((start, f"{key} {row.text(key)!r} is listed again with other values "
+                                                   f"(first at line {first_line})"))
                 continue
             keys[identity] = (start, values)
         result.rows.append(row)
