@@ -80,3 +80,61 @@ def test_gathered_evaluation_counts_each_sample_once_across_ranks(tmp_path: Path
         torch.testing.assert_close(result["rows"][:, 2:], probabilities)
         for name, value in expected.items():
             torch.testing.assert_close(result[name], value)
+
+
+# The layout of fb257d3's checkpoints (read off real ones written by that commit's modules): the volume classifier
+# held f_intra, f_inter and the head at the top, the 2.5D segmenter held f_intra and f_inter in net directly.
+OLD_LAYOUT = {
+    VolumeClassifier: {"net.volume_encoder.encoder.": "encoder.", "net.volume_encoder.aggregator.": "aggregator.",
+                       "net.head.": "head."},
+    SliceSegmenter: {"net.volume_encoder.encoder.": "net.encoder.", "net.volume_encoder.aggregator.": "net.aggregator."},
+}
+
+
+@pytest.mark.parametrize("task", [VolumeClassifier, SliceSegmenter])
+def test_a_checkpoint_of_the_old_layout_loads_and_predicts_the_same(task: type, tmp_path: Path) -> None:
+    import lightning
+
+    torch.manual_seed(0)
+    # fb257d3 wrote the aggregator as given (a missing key meant SliceAggregator's default) and pretrained_source
+    # among the hyper-parameters.
+    aggregator = {"num_layers": 1, "num_heads": 4, "ffn_dim": 16}
+    if task is VolumeClassifier:
+        model = task(num_classes=2, **TINY, aggregator=aggregator)
+        inputs = (torch.randn(2, 6, 1, 32, 32), torch.tensor([[False] * 6, [False] * 4 + [True] * 2]))
+        old_hparams = {"num_classes": 2, **TINY, "aggregator": aggregator, "mode": "finetune", "lr": 1e-3,
+                       "pretrained_lr_scale": 1.0, "weight_decay": 1e-4, "class_weights": None,
+                       "slice_chunk_size": 64, "checkpoint_slices": False, "pretrained": None,
+                       "pretrained_source": "runs/old/last.ckpt"}
+    else:
+        model = task(num_classes=3, **TINY, aggregator=aggregator, context_2p5d=True, slab_slices=3,
+                     decoder_channels=[16, 8, 8, 8, 8])
+        inputs = (torch.randn(2, 1, 3, 32, 32),)
+        old_hparams = {"num_classes": 3, **TINY, "aggregator": aggregator, "mode": "finetune", "context_2p5d": True,
+                       "slab_slices": 3, "class_names": None, "decoder_channels": [16, 8, 8, 8, 8], "lr": 1e-3,
+                       "pretrained_lr_scale": 1.0, "weight_decay": 1e-4, "dice_ignore_empty": True,
+                       "inference_overlap": 0.5, "inference_batch_size": 32, "pretrained": None,
+                       "pretrained_source": "runs/old/last.ckpt"}
+    for name, buffer in model.named_buffers():  # trained-looking statistics: a buffer left behind would show
+        if name.endswith("running_mean"):
+            buffer.normal_()
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 2.0)
+    model.eval()
+    network = model if task is VolumeClassifier else model.net
+    with torch.no_grad():
+        expected = network(*inputs)
+    old_state = {}
+    for key, value in model.state_dict().items():
+        new_prefix = next(p for p in (*OLD_LAYOUT[task], "") if key.startswith(p))
+        old_state[OLD_LAYOUT[task].get(new_prefix, "") + key[len(new_prefix):]] = value
+    old_prefix = "" if task is VolumeClassifier else "net."
+    assert {f"{old_prefix}encoder.proj.weight", f"{old_prefix}aggregator.context_norm.running_mean"} <= set(old_state)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old_state, "hyper_parameters": old_hparams, "hparams_name": "kwargs",
+                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}, path)
+    reloaded = task.load_from_checkpoint(path).eval()  # strict: every tensor found its place
+    assert reloaded.pretrained_source == "runs/old/last.ckpt"
+    with torch.no_grad():
+        torch.testing.assert_close((reloaded if task is VolumeClassifier else reloaded.net)(*inputs), expected,
+                                   rtol=0, atol=0)

@@ -15,7 +15,9 @@ the rest of what every task does the same way:
   ``lr * pretrained_lr_scale`` (:meth:`DownstreamTask.configure_optimizers`). Each task sets its own defaults
   through its constructor's defaults;
 - evaluation gathered under DDP: per-sample result rows from every rank, each sample once
-  (:func:`gather_rows_once`), so metrics and pictures are those of the whole validation set.
+  (:func:`gather_rows_once`), so metrics and pictures are those of the whole validation set;
+- checkpoints of an earlier module layout still load: a task lists where its tensors moved
+  (:attr:`DownstreamTask.moved_state_prefixes`) and :meth:`DownstreamTask.on_load_checkpoint` renames them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def self_contained_hparams(hparams: Mapping[str, Any], architecture: Mapping[str
     return updated
 
 
+def rename_moved_keys(state_dict: Mapping[str, Tensor], moved: Mapping[str, str]) -> dict[str, Tensor]:
+    """``state_dict`` with every key that starts with an old prefix of ``moved`` (old -> new) under the new one."""
+    renamed = {}
+    for key, value in state_dict.items():
+        old = next((prefix for prefix in moved if key.startswith(prefix)), None)
+        renamed[moved[old] + key[len(old):] if old is not None else key] = value
+    return renamed
+
+
 def freeze(module: nn.Module) -> None:
     """No gradients and eval mode (no BatchNorm statistics updates, no dropout)."""
     module.requires_grad_(False)
@@ -91,6 +102,10 @@ class DownstreamTask(LightningModule):
     pretrained parts in :attr:`pretrained_parts`. Validation rows go through :meth:`record_rows` and come back
     gathered from every rank with :meth:`gathered_rows`.
     """
+
+    #: State-dict key prefixes of checkpoints written before the task's layout changed -> where those tensors are
+    #: now (old -> new), so that such checkpoints still load (:meth:`on_load_checkpoint`).
+    moved_state_prefixes: Mapping[str, str] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,7 +147,9 @@ class DownstreamTask(LightningModule):
                 "aggregator": dict(weights.architecture["aggregator"]),
             }
         else:
-            config = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig.from_dict(aggregator or {})
+            # A key left out of a dict has SliceAggregator's default, as it always had for downstream tasks
+            # (AggregatorConfig.from_dict's older defaults are those of pretraining checkpoints and exports).
+            config = aggregator if isinstance(aggregator, AggregatorConfig) else AggregatorConfig(**(aggregator or {}))
             encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
             slice_aggregator = config.build(d_model) if with_aggregator else None
             architecture = {"backbone": backbone, "d_model": d_model, "aggregator": config.asdict()}
@@ -172,7 +189,14 @@ class DownstreamTask(LightningModule):
         checkpoint["pretrained_source"] = self.pretrained_source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.pretrained_source = checkpoint.get("pretrained_source", self.pretrained_source)
+        """Renames the tensors of an earlier layout (:attr:`moved_state_prefixes`; Lightning loads the state dict
+        after this hook, both in ``load_from_checkpoint`` and when a Trainer resumes) and restores
+        ``pretrained_source`` (a hyper-parameter in checkpoints of that layout)."""
+        old_hparams = checkpoint.get("hyper_parameters", {})
+        self.pretrained_source = checkpoint.get("pretrained_source",
+                                                old_hparams.get("pretrained_source", self.pretrained_source))
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = rename_moved_keys(checkpoint["state_dict"], self.moved_state_prefixes)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

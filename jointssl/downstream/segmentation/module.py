@@ -60,6 +60,10 @@ class SliceSegmenter(DownstreamTask):
             prediction; the slices with the most labelled foreground), 0 = none.
     """
 
+    #: Checkpoints of the network before VolumeEncoder (up to fb257d3) held f_intra and f_inter in net directly.
+    moved_state_prefixes = {"net.encoder.": "net.volume_encoder.encoder.",
+                            "net.aggregator.": "net.volume_encoder.aggregator."}
+
     def __init__(
         self,
         num_classes: int = 2,

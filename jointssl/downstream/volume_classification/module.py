@@ -43,6 +43,10 @@ class VolumeClassifier(DownstreamTask):
             per chunk (memory; see :class:`~jointssl.models.VolumeEncoder`).
     """
 
+    #: Checkpoints of the module before VolumeEncoder (up to fb257d3) held encoder/aggregator/head at the top.
+    moved_state_prefixes = {"encoder.": "net.volume_encoder.encoder.", "aggregator.": "net.volume_encoder.aggregator.",
+                            "head.": "net.head."}
+
     def __init__(
         self,
         num_classes: int = 2,
