@@ -51,6 +51,13 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'finetune' or 'linear', got {mode!r}")
 
 
+def check_on_bad_file(on_bad_file: str) -> None:
+    """Raise ValueError unless ``on_bad_file`` is "error" or "skip": a data module checks it when it is built, so
+    that a mistyped policy fails before the (possibly long) file checks that apply it."""
+    if on_bad_file not in ("error", "skip"):
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+
+
 def self_contained_hparams(hparams: Mapping[str, Any], architecture: Mapping[str, Any]) -> dict[str, Any]:
     """Hyper-parameters that rebuild a downstream model without the pretraining file.
 

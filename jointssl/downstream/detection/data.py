@@ -79,7 +79,7 @@ from jointssl.data.validation import FileCheck, OnBadFile, apply_bad_file_policy
 from jointssl.data.geometry import RAS_LABELS, parse_world_frame, voxel_to_world, world_to_voxel
 from jointssl.data.volume_io import WORLD_GEOMETRY_SUFFIXES, read_volume_header, volume_reader
 from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
-from jointssl.downstream.base import split_by_volume
+from jointssl.downstream.base import check_on_bad_file, split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -193,8 +193,7 @@ def collect_scans(
     ``on_bad_file="error"`` raises one DataValidationError listing every bad volume; ``"skip"`` logs and drops them
     (:func:`~jointssl.data.validation.apply_bad_file_policy`).
     """
-    if on_bad_file not in ("error", "skip"):
-        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    check_on_bad_file(on_bad_file)
     scans = [Scan(uid, path, tuple(annotations.get(uid, ()))) for uid, path in find_scans(folders).items()]
 
     def check(scan: Scan) -> FileCheck:

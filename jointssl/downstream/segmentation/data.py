@@ -38,7 +38,7 @@ from jointssl.data.volume_io import (
     resize_slices,
     volume_reader,
 )
-from jointssl.downstream.base import split_by_volume
+from jointssl.downstream.base import check_on_bad_file, split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -367,8 +367,7 @@ class SegmentationData(LightningDataModule):
             raise ValueError("image_dir needs label_dir")
         if foreground_fraction is not None and not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1] or None, got {foreground_fraction}")
-        if on_bad_file not in ("error", "skip"):
-            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+        check_on_bad_file(on_bad_file)
         if label_mapping is not None:
             negative = {k: v for k, v in label_mapping.items() if int(k) < 0 or int(v) < 0}
             if negative:

@@ -50,7 +50,7 @@ from jointssl.data.volume_io import (
     load_volume,
     read_volume_header,
 )
-from jointssl.downstream.base import split_by_volume
+from jointssl.downstream.base import check_on_bad_file, split_by_volume
 
 log = logging.getLogger("jointssl.downstream")
 
@@ -270,8 +270,7 @@ class VolumeClassificationData(LightningDataModule):
         if (manifest is None) == (candidates is None):
             raise ValueError("give either manifest (whole-volume labels) or candidates (LUNA16-style CSV)")
         parse_world_frame(world_frame)  # ValueError for anything but lps / ras
-        if on_bad_file not in ("error", "skip"):
-            raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+        check_on_bad_file(on_bad_file)
         if voxel_spacing is not None and (len(voxel_spacing) != 3 or min(voxel_spacing) <= 0):
             raise ValueError(f"voxel_spacing must be 3 positive numbers (slice, row, column) in mm, got {voxel_spacing}")
         self.save_hyperparameters()
