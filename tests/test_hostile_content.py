@@ -243,21 +243,31 @@ def test_tiny_images_are_refused(tmp_path: Path, capsys, side: int) -> None:
 
 
 @pytest.mark.parametrize("value", [0, 255])
-def test_constant_images_are_refused(tmp_path: Path, capsys, value: int) -> None:
+def test_constant_images_are_warned(tmp_path: Path, capsys, value: int) -> None:
+    """A warning, not a refusal: slice exports hold blank slices (the reference BraTS slices do), and refusing them
+    would stop a run on a sound dataset; a constant volume, by contrast, is refused."""
     image = write_png(tmp_path / "images" / "black.png", np.full((32, 32), value, dtype=np.uint8))
-    good = [write_png(tmp_path / "images" / f"good{seed}.png", seed=seed) for seed in range(2)]
-    code, lines = check_data_cli(capsys, "--images", str(tmp_path / "images"))
-    assert code == EXIT_BAD_FILES
-    message = finding(lines, image, "error")
-    assert_documented("constant-image", f"{image}: error: {message}")
-    assert message.endswith(f"every pixel is {value / 255:g}")
-    assert setup_errors(images=[str(tmp_path / "images")]) == {str(image): message}
-    # Two grey levels are an image (a scan, a drawing), not a constant one.
+    for seed in range(2):
+        write_png(tmp_path / "images" / f"good{seed}.png", seed=seed)
+    code, lines = check_data_cli(capsys, "--images", str(tmp_path / "images"), "--config", str(small_config(tmp_path)))
+    assert code == EXIT_CLEAN
+    message = finding(lines, image, "warning")
+    assert_documented("constant-image", f"{image}: warning: {message}")
+    assert message.startswith(f"constant after decoding to [0, 1]: every pixel is {value / 255:g}")
+    assert lines[-1].endswith("0 bad, 1 with warnings, 0 ignored")
+    # Two grey levels are an image (a scan, a drawing): no warning.
     two_levels = np.zeros((32, 32), dtype=np.uint8)
     two_levels[8:24, 8:24] = 200
     write_png(image, two_levels)
-    assert check_data_cli(capsys, "--images", str(tmp_path / "images"))[0] == EXIT_CLEAN
-    assert good
+    code, lines = check_data_cli(capsys, "--images", str(tmp_path / "images"), "--config", str(small_config(tmp_path)))
+    assert code == EXIT_CLEAN and lines[-1].endswith("0 bad, 0 with warnings, 0 ignored")
+
+
+def small_config(folder: Path) -> Path:
+    """A data-only config with crops smaller than the test images (no "smaller than global_crop_size" warnings)."""
+    config = folder / "small.yaml"
+    config.write_text("data:\n  class_path: jointssl.data.JointDataModule\n  init_args:\n    global_crop_size: 16\n")
+    return config
 
 
 def test_empty_folders_and_header_only_manifests_are_refused(tmp_path: Path, capsys) -> None:

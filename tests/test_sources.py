@@ -17,9 +17,7 @@ from jointssl.data.validation import validate_images
 
 def write_png(path: Path, size: tuple[int, int] = (16, 16), value: int = 128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full(size, value, dtype=np.uint8)
-    pixels[0, 0] = 255 - value  # not constant: a constant image is a bad file (issue 14)
-    Image.fromarray(pixels).save(path)
+    Image.fromarray(np.full(size, value, dtype=np.uint8)).save(path)
     return path
 
 

@@ -82,15 +82,18 @@ def to_encoder_input(unit_intensities: Tensor) -> Tensor:
     return (unit_intensities - NORMALIZE_MEAN) / NORMALIZE_STD
 
 
-def check_unit_intensities(path: str, unit: np.ndarray, normalisation: str, raw: np.ndarray | None = None) -> None:
-    """Refuse an image or volume whose [0, 1] intensities (after normalisation and resizing: what the encoder will
-    be given) cannot train: non-finite values, or a constant result (an all-black image). For a volume (``raw``
-    given: the values it was normalised from, whose range the reason quotes) also no contrast left: every voxel at
-    an end of the window, or all those strictly inside it equal (a window that clips everything, such as the CT
-    window on MR values). A 2D image of two grey levels is allowed: masks aside, scanned and synthetic images are.
+def check_unit_intensities(
+    path: str, unit: np.ndarray, normalisation: str, raw: np.ndarray | None = None
+) -> str | None:
+    """Check an image's or volume's [0, 1] intensities (after normalisation and resizing: what the encoder will be
+    given). Non-finite values are refused. For a volume (``raw`` given: the values it was normalised from, whose
+    range the reason quotes) so are a constant result and no contrast left: every voxel at an end of the window,
+    or all those strictly inside it equal (a window that clips everything, such as the CT window on MR values).
+    A constant 2D image (an all-black slice) returns a note instead: slice exports such as BraTS's hold blank
+    slices, and refusing them would stop a run on a sound dataset. Two grey levels are a 2D image, not nonsense.
 
     ``normalisation`` says how ``unit`` was made (e.g. "the MR normalisation (mr_percentiles 0.5..99.5)").
-    Raises :class:`~jointssl.data.errors.BadFileError` naming ``path``.
+    Raises :class:`~jointssl.data.errors.BadFileError` naming ``path``; returns the note or None.
     """
     what = "voxel" if raw is not None else "pixel"
     finite = np.isfinite(unit)
@@ -100,10 +103,12 @@ def check_unit_intensities(path: str, unit: np.ndarray, normalisation: str, raw:
             path, f"{count} NaN or infinite {what}(s) after {normalisation} and resizing{_raw_range(raw)}"
         )
     low, high = float(unit.min()), float(unit.max())
+    if low == high and raw is None:
+        return f"constant after {normalisation}: every {what} is {low:g} (a blank image: it trains, but shows nothing)"
     if low == high:
         raise BadFileError(path, f"constant after {normalisation}: every {what} is {low:g}{_raw_range(raw)}")
     if raw is None:
-        return
+        return None
     inside = unit[(unit > 0.0) & (unit < 1.0)]
     if inside.size == 0 or float(inside.min()) == float(inside.max()):
         levels = sorted({low, high, *([float(inside.min())] if inside.size else [])})
@@ -112,6 +117,7 @@ def check_unit_intensities(path: str, unit: np.ndarray, normalisation: str, raw:
             f"no contrast left after {normalisation}: every {what} is {' or '.join(f'{v:g}' for v in levels)}"
             f"{_raw_range(raw)}",
         )
+    return None
 
 
 def check_raw_intensities(path: str, values: np.ndarray) -> None:

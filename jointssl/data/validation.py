@@ -369,11 +369,13 @@ def _cache_key(path: str) -> str:
 
 def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> FileCheck:
     """Decode one 2D image as training will (:func:`~jointssl.data.image_io.decode_image_2d`) and check its size
-    and its [0, 1] intensities (an all-black or constant image, non-finite values: the check volumes get too)."""
+    and its [0, 1] intensities (non-finite values are refused, a constant image gets a note: the check volumes get
+    too, :func:`~jointssl.data.intensity.check_unit_intensities`)."""
     decoded = decode_image_2d(path)
     check_image_size(path, decoded.array, min_side)
-    check_unit_intensities(str(path), decoded.array, "decoding to [0, 1]")
-    return FileCheck(str(path), None, tuple(decoded.array.shape), decoded.notes)
+    blank = check_unit_intensities(str(path), decoded.array, "decoding to [0, 1]")
+    notes = decoded.notes if blank is None else (*decoded.notes, blank)
+    return FileCheck(str(path), None, tuple(decoded.array.shape), notes)
 
 
 def check_images(
