@@ -364,6 +364,8 @@ class JointDataModule(pl.LightningDataModule):
             "in_plane_size": self.volume_in_plane_size,
             "hu_window": self.hu_window,
             "mr_percentiles": self.mr_percentiles,
+            # Slices under the 2D images' minimum side would be upsampled to volume_in_plane_size (issue 14).
+            "min_in_plane": MIN_IMAGE_SIDE,
         }
 
     @property

@@ -61,7 +61,6 @@ from monai.utils import convert_to_tensor
 from jointssl.data.errors import BadFileError
 from jointssl.data.file_checks import display_suffix, has_suffix, require_regular_file
 from jointssl.data.geometry import RAS_AXES_FOR_LAYOUT, RAS_LABELS, SliceAxis
-from jointssl.data.image_io import MIN_IMAGE_SIDE
 from jointssl.data.intensity import (
     check_raw_intensities,
     check_unit_intensities,
@@ -142,7 +141,7 @@ def load_volume(
     hu_window: tuple[float, float] = (-1000.0, 1000.0),
     mr_percentiles: tuple[float, float] = (0.5, 99.5),
     min_slices: int = 3,
-    min_in_plane: int = MIN_IMAGE_SIDE,
+    min_in_plane: int = 1,
 ) -> LoadedVolume:
     """Read, validate, reorient, resample and normalise one volume.
 
@@ -156,8 +155,8 @@ def load_volume(
         hu_window: the Hounsfield window for CT.
         mr_percentiles: the lower and upper percentiles for MR.
         min_slices: fewer slices than this (before or after resampling) make the volume a bad file.
-        min_in_plane: slices with a side under this many pixels (before resizing) make the volume a bad file; the
-            same minimum as a 2D image's (:data:`~jointssl.data.image_io.MIN_IMAGE_SIDE`).
+        min_in_plane: slices with a side under this many pixels (before resizing) make the volume a bad file
+            (pretraining asks for the 2D images' minimum, :data:`~jointssl.data.image_io.MIN_IMAGE_SIDE`).
 
     Raises:
         BadFileError: the file cannot be read or is not a usable 3D volume, or its normalised intensities are not
