@@ -70,7 +70,11 @@ class Finding:
     message: str
 
     def line(self) -> str:
-        return f"{self.path}: {self.severity}: {self.message}"
+        """``path: severity: message``, one line whatever the path holds (:func:`~jointssl.data.errors.printable`:
+        a newline in a file name cannot forge a line, a name that is not UTF-8 prints)."""
+        from jointssl.data.errors import printable
+
+        return f"{printable(self.path)}: {self.severity}: {printable(self.message)}"
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,10 @@ class CheckSettings:
 
     global_crop_size: int
     num_slices: int
-    volume_load_kwargs: dict[str, Any]
+    volume_load_kwargs: dict[str, Any]  # holds max_decoded_bytes for volumes
     threads: int = 8
+    #: What one image may decode to (:func:`~jointssl.data.file_checks.check_decoded_size`); None: no bound.
+    max_decoded_bytes: int | None = field(default_factory=lambda: _default_max_decoded_bytes())
 
 
 @dataclass
@@ -125,6 +131,12 @@ class DataCheckReport:
             f"{self.seconds:.1f} s: {len(self.errors)} bad, {len(self.warned_paths)} with warnings, "
             f"{len(self.ignored)} ignored"
         )
+
+
+def _default_max_decoded_bytes() -> int:
+    from jointssl.data.file_checks import DEFAULT_MAX_DECODED_BYTES  # lazily: jointssl.data imports torch
+
+    return DEFAULT_MAX_DECODED_BYTES
 
 
 def check_data(
@@ -214,6 +226,7 @@ def _check_images(
         min_side=MIN_IMAGE_SIDE,
         progress="checking images" if progress else None,
         on_result=lambda check: report.add(findings_of(check)),
+        max_decoded_bytes=settings.max_decoded_bytes,
     )
     return len(unreadable) + len(scan.problems) + len(scan.records)
 
@@ -292,16 +305,22 @@ def datamodule_from_config(fit_arguments: Sequence[str]):
         raise UsageError(f"invalid `data` section in `jointssl fit {shown}`: {error}") from None
 
 
-def settings_from_datamodule(datamodule, threads: int | None) -> CheckSettings:
+def settings_from_datamodule(
+    datamodule, threads: int | None, max_decoded_bytes: int | None | Literal["config"] = "config"
+) -> CheckSettings:
     """The check settings of a :class:`~jointssl.data.JointDataModule` (its own properties, so that the check and
-    training cannot disagree)."""
+    training cannot disagree); ``max_decoded_bytes`` other than "config" replaces the data module's."""
     if threads is None:
         threads = max(1, min(datamodule.validation_threads, os.cpu_count() or 1))
+    load_kwargs = dict(datamodule.volume_load_kwargs)
+    if max_decoded_bytes != "config":
+        load_kwargs["max_decoded_bytes"] = max_decoded_bytes
     return CheckSettings(
         global_crop_size=datamodule.transform.global_crop_size,
         num_slices=datamodule.num_slices,
-        volume_load_kwargs=dict(datamodule.volume_load_kwargs),
+        volume_load_kwargs=load_kwargs,
         threads=threads,
+        max_decoded_bytes=load_kwargs["max_decoded_bytes"],
     )
 
 
@@ -354,9 +373,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: validation_threads)")
     parser.add_argument(
+        "--max-decoded-bytes",
+        type=_byte_count,
+        default=argparse.SUPPRESS,  # absent: the data module's (settings_from_datamodule)
+        metavar="BYTES",
+        help="refuse a file whose header declares more than this decoded (e.g. 2147483648, 2GiB, 512MiB, none; "
+        "default: the data module's max_decoded_bytes, 1 GiB); validation decodes at most 4x this at once",
+    )
+    parser.add_argument(
         "--quiet", action="store_true", help="no progress bars (they are drawn only when stderr is a terminal anyway)"
     )
     return parser
+
+
+def _byte_count(text: str) -> int | None:
+    """``--max-decoded-bytes``: an integer with an optional KiB / MiB / GiB (or K / M / G) suffix, or "none"."""
+    value = text.strip().lower().replace(" ", "")
+    if value in ("none", "null"):
+        return None
+    for suffix, factor in (("gib", 1 << 30), ("mib", 1 << 20), ("kib", 1 << 10), ("g", 1 << 30), ("m", 1 << 20),
+                           ("k", 1 << 10), ("b", 1)):
+        if value.endswith(suffix):
+            value, scale = value[: -len(suffix)], factor
+            break
+    else:
+        scale = 1
+    try:
+        count = int(float(value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 2GiB, 512MiB, none)") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return count
 
 
 def run(argv: Sequence[str]) -> int:
@@ -382,7 +430,9 @@ def run(argv: Sequence[str]) -> int:
     try:
         report = _check_from_options(options, print_finding)
     except UsageError as error:
-        parser.exit(EXIT_USAGE, f"{PROG}: error: {error}\n")
+        from jointssl.data.errors import printable
+
+        parser.exit(EXIT_USAGE, f"{PROG}: error: {printable(str(error))}\n")
     print(report.summary(), flush=True)
     return report.exit_code
 
@@ -406,7 +456,7 @@ def _check_from_options(options: argparse.Namespace, on_finding: Callable[[Findi
         images, volumes = list(options.images or []), list(options.volumes or [])
     if not images and not volumes and not notes:
         raise UsageError("nothing to check: give --images and/or --volumes, or a --config with data sources")
-    settings = settings_from_datamodule(datamodule, options.threads)
+    settings = settings_from_datamodule(datamodule, options.threads, getattr(options, "max_decoded_bytes", "config"))
     for note in notes:
         on_finding(note)
     report = check_data(images, volumes, settings, on_finding=on_finding, progress=not options.quiet)

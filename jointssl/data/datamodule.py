@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from jointssl import distributed
 from jointssl.data.datasets import ImageDataset, MultiCropDataset, collate_multicrop
+from jointssl.data.file_checks import DEFAULT_MAX_DECODED_BYTES
 from jointssl.data.image_io import MIN_IMAGE_SIDE
 from jointssl.data.prediction_inputs import PredictionImages, PredictionVolumes, collate_predictions
 from jointssl.data.sampling import ResumableDataLoader, ResumableSampler, SeededDataset
@@ -117,6 +118,9 @@ class JointDataModule(pl.LightningDataModule):
             constant or too thin volumes): ``"error"`` stops in ``setup`` with one list of every bad file;
             ``"skip"`` logs each one and trains without it.
         validation_threads: threads used to decode every image and volume once during ``setup``.
+        max_decoded_bytes: a file whose header declares more than this many bytes decoded is a bad file, refused
+            before it is decoded; validation holds at most 4x this at once over all its threads (docs/data.md, "Bad
+            input"). null: no bound.
         validation_cache: keep each file's check result (keyed by path, size and modification time, and the
             settings that decide it) in ``<cache_dir>/validation``, or without a ``cache_dir`` in
             ``<trainer.default_root_dir>/validation_cache``, so that a restart decodes only new or changed files.
@@ -153,6 +157,7 @@ class JointDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         on_bad_file: Literal["error", "skip"] = "error",
         validation_threads: int = 8,
+        max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
         validation_cache: bool = True,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -189,6 +194,9 @@ class JointDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.on_bad_file = on_bad_file
         self.validation_threads = validation_threads
+        if max_decoded_bytes is not None and max_decoded_bytes < 1:
+            raise ValueError(f"max_decoded_bytes must be positive (or null: no bound), got {max_decoded_bytes}")
+        self.max_decoded_bytes = max_decoded_bytes
         self.validation_cache = validation_cache
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -248,9 +256,13 @@ class JointDataModule(pl.LightningDataModule):
             "images",
             image_records,
             lambda share, cache: check_images(
-                share, num_threads=threads, progress=self._progress("validating images"), cache=cache
+                share, num_threads=threads, progress=self._progress("validating images"), cache=cache,
+                max_decoded_bytes=self.max_decoded_bytes,
             ),
-            self._validation_cache("images", {"sources": image_sources, "min_side": MIN_IMAGE_SIDE}),
+            self._validation_cache(
+                "images",
+                {"sources": image_sources, "min_side": MIN_IMAGE_SIDE, "max_decoded_bytes": self.max_decoded_bytes},
+            ),
         )
         candidates = CachedVolumes(
             volume_records, self.volume_load_kwargs, self.volume_cache, self._volume_cache_dir(), preload=False
@@ -364,6 +376,7 @@ class JointDataModule(pl.LightningDataModule):
             "in_plane_size": self.volume_in_plane_size,
             "hu_window": self.hu_window,
             "mr_percentiles": self.mr_percentiles,
+            "max_decoded_bytes": self.max_decoded_bytes,
             # Slices under the 2D images' minimum side would be upsampled to volume_in_plane_size (issue 14).
             "min_in_plane": MIN_IMAGE_SIDE,
         }

@@ -35,7 +35,7 @@ from pathlib import Path
 import pydicom.misc
 
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.file_checks import display_suffix, has_suffix, is_regular_file, walk_tree
+from jointssl.data.file_checks import display_suffix, has_suffix, is_regular_file, not_a_file_reason, walk_tree
 from jointssl.data.image_io import DICOM_EXTENSIONS, PIL_FORMAT_BY_EXTENSION
 from jointssl.data.manifest import ManifestRow, RowError, read_manifest
 from jointssl.data.validation import FileCheck, apply_bad_file_policy
@@ -171,9 +171,8 @@ def _image_manifest(manifest: Path, scan: SourceScan) -> None:
 
     def parse(row: ManifestRow) -> ImageRecord:
         path = row.path("path")
-        if not os.path.isfile(path):
-            state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
-            raise RowError(f"{row.text('path')!r} {state} (resolved to {path})")
+        if not is_regular_file(path):  # a named pipe would block the first read: say what it is
+            raise RowError(f"{row.text('path')!r} {not_a_file_reason(path)} (resolved to {path})")
         return ImageRecord(path=path, source=row.text("source") or manifest.stem, label=row.text("label") or None)
 
     records, problems = table.parse(parse)

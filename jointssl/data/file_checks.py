@@ -19,6 +19,15 @@ from jointssl.data.errors import BadFileError
 #: Called with a path and a note for things a walk handled but a researcher should know about.
 NoteSink = Callable[[str, str], None]
 
+#: What one file may decode to by default (``max_decoded_bytes`` of the data module and of ``jointssl check-data``;
+#: :func:`check_decoded_size`). 1 GiB is a 512 x 512 x 1024 CT as float32, four times a large real scan, and a
+#: 16000 x 16000 grey image; a decoder's peak is about 4x what it decodes to, so that validation as a whole, which
+#: admits :data:`VALIDATION_BUDGET_FILES` such files at once (:func:`validation_memory_budget`), stays near 16 GB:
+#: what a 24 GB machine with 8 validation threads can give it.
+DEFAULT_MAX_DECODED_BYTES = 1 << 30
+#: How many files of ``max_decoded_bytes`` validation decodes at once at most, whatever its thread count.
+VALIDATION_BUDGET_FILES = 4
+
 
 def describe_os_error(path: str | os.PathLike, error: OSError, missing: str = "file not found") -> str:
     """A one-line reason for an ``OSError`` met while looking at or reading ``path``."""
@@ -61,6 +70,47 @@ def require_regular_file(path: str | os.PathLike, what: str, missing: str = "fil
     if not os.access(path, os.R_OK):
         raise BadFileError(path, describe_os_error(path, PermissionError(errno.EACCES, "Permission denied")))
     return status
+
+
+def format_bytes(count: float) -> str:
+    """A byte count as a researcher reads it: "3.0 GiB", "512 MiB", "12 KiB"."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} bytes"
+
+
+def check_decoded_size(path: str | os.PathLike, decoded_bytes: int, what: str, max_decoded_bytes: int | None) -> None:
+    """The one bound on what a file may decode to, checked from its header before anything is decoded: raise
+    :class:`BadFileError` when ``decoded_bytes`` (what the header declares, as the widest array the decoder makes
+    of it) exceeds ``max_decoded_bytes`` (None: no bound). ``what`` describes the declared content, e.g.
+    "12000 x 12000 RGB pixels as float32". A small file can declare gigabytes (a zlib stream of zeros, a sparse
+    file): decoding it first would exhaust the memory of a machine that validates 8 files at once."""
+    if max_decoded_bytes is not None and decoded_bytes > max_decoded_bytes:
+        raise BadFileError(
+            path,
+            f"decodes to {format_bytes(decoded_bytes)} ({what}), more than max_decoded_bytes "
+            f"{format_bytes(max_decoded_bytes)}: a broken header, or a file far larger than training needs "
+            "(downsample or crop it; or raise max_decoded_bytes if this machine has the memory)",
+        )
+
+
+def validation_memory_budget(max_decoded_bytes: int | None) -> int | None:
+    """The decoded bytes validation may hold at once over all its threads (None: unbounded), so that a machine's
+    memory bounds validation as a whole, not only each file."""
+    return None if max_decoded_bytes is None else VALIDATION_BUDGET_FILES * max_decoded_bytes
+
+
+def not_a_file_reason(path: str | os.PathLike, missing: str = "does not exist") -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one, in words: "does not exist", "is a folder,
+    not a file", "is a named pipe (FIFO), not a regular file", a broken link... Never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        return describe_os_error(path, error, missing)
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return f"is {special_file_kind(mode)}, not a regular file"
 
 
 def is_regular_file(path: str | os.PathLike) -> bool:

@@ -32,6 +32,8 @@ printed as warnings by ``jointssl check-data``): colour that is not grey, a part
 from __future__ import annotations
 
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from jointssl.data.errors import BadFileError
-from jointssl.data.file_checks import folder_problem, require_regular_file
+from jointssl.data.file_checks import check_decoded_size, folder_problem, require_regular_file
 from jointssl.data.intensity import percentiles_to_unit
 
 PIL_FORMAT_BY_EXTENSION = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -56,6 +58,11 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _DICM_OFFSET = 128
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16)
+# PIL modes decoded through an RGB float32 copy (_pil_to_gray): 3 float32 samples per pixel at the widest.
+_COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
+# A DICOM header (everything before the pixel data) is a few KB; this much inflated dataset surely holds it.
+_DICOM_HEADER_LIMIT = 1 << 20
+_PIXEL_DATA_TAG = 0x7FE00010
 
 
 def detect_format(path: str | Path) -> str:
@@ -137,6 +144,56 @@ def decode_image_2d(path: str | Path) -> DecodedImage:
     return DecodedImage(np.ascontiguousarray(image, dtype=np.float32), file_format, tuple(notes))
 
 
+def declared_decoded_size(path: str | Path) -> tuple[int, str]:
+    """What decoding an image makes, from its header alone: (bytes of the widest array :func:`decode_image_2d`
+    makes of it, a description of the declared content). PNG / JPEG: PIL's header size and bands as float32 (an
+    RGB copy for colour); DICOM: Rows x Columns x SamplesPerPixel x NumberOfFrames as float64 (the modality LUT
+    and window run in float64), read without inflating the pixel data of a deflated file. Raises
+    :class:`BadFileError` for what :func:`detect_format` refuses or a header that cannot be read."""
+    path = Path(path)
+    file_format = detect_format(path)
+    if file_format == "DICOM":
+        dataset = _dicom_header(path)
+        try:
+            rows, columns = int(dataset.Rows), int(dataset.Columns)
+        except (AttributeError, TypeError, ValueError):
+            return 0, "no Rows / Columns"  # decode_image_2d says what is wrong with it
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        bits = int(dataset.get("BitsAllocated", 16) or 16)
+        per_pixel = 4 * samples if samples > 1 else 8
+        frames_text = f" x {frames} frames" if frames > 1 else ""
+        what = (
+            f"{rows} x {columns} pixels{frames_text}, {samples} sample(s) of {bits} bits, decoded as "
+            f"{'float32' if samples > 1 else 'float64'}"
+        )
+        return rows * columns * frames * per_pixel, what
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb warning (over 89 M pixels) names no file; the bound is max_decoded_bytes here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=[file_format])  # reads the header only
+        with image:
+            width, height = image.size
+            mode = image.mode
+            samples = 3 if mode in _COLOUR_MODES else len(image.getbands())
+    except Exception as exc:  # noqa: BLE001 - decode_image_2d reports a header PIL cannot read
+        raise BadFileError(path, f"cannot decode {file_format}: {type(exc).__name__}: {exc}") from exc
+    return width * height * samples * 4, f"{width} x {height} {mode} pixels decoded as float32"
+
+
+def check_image_header(path: str | Path, max_decoded_bytes: int | None) -> None:
+    """Refuse an image whose header declares more than ``max_decoded_bytes`` decoded
+    (:func:`~jointssl.data.file_checks.check_decoded_size`), before any pixel is decoded: a 0.4 MB PNG can declare
+    12000 x 12000 RGB pixels (1.6 GiB as float32). A file whose header cannot be read is left to
+    :func:`decode_image_2d`, which says what is wrong with it."""
+    try:
+        decoded, what = declared_decoded_size(path)
+    except BadFileError:
+        return
+    check_decoded_size(path, decoded, what, max_decoded_bytes)
+
+
 def check_image_size(path: str | Path, image: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> None:
     """Raise :class:`BadFileError` when a decoded image is too small to crop from."""
     height, width = image.shape
@@ -159,7 +216,7 @@ def _load_pil(path: Path, file_format: str, notes: list[str]) -> np.ndarray:
             # here instead of being silently padded with grey.
             image.load()
             return _pil_to_gray(image, path, notes)
-    except BadFileError:
+    except (BadFileError, MemoryError):  # a MemoryError is the machine's, not the file's: validation reports it
         raise
     except Exception as exc:  # corrupt data surfaces as OSError, SyntaxError, zlib/struct errors...
         raise BadFileError(path, f"cannot decode {file_format}: {type(exc).__name__}: {exc}") from exc
@@ -255,6 +312,8 @@ def _load_dicom(path: Path, notes: list[str]) -> np.ndarray:
     try:
         # force=True also reads files without the 128-byte preamble; non-DICOM content then fails below.
         dataset = pydicom.dcmread(path, force=True)
+    except MemoryError:
+        raise
     except Exception as exc:  # pydicom raises many types for malformed files
         raise BadFileError(path, f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
     if "PixelData" not in dataset:
@@ -265,6 +324,8 @@ def _load_dicom(path: Path, notes: list[str]) -> np.ndarray:
     transfer_syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     try:
         pixels = dataset.pixel_array  # YBR colour data is converted to RGB by pydicom
+    except MemoryError:
+        raise
     except Exception as exc:  # missing decoder, truncated or corrupt pixel data
         syntax = transfer_syntax.name if transfer_syntax is not None else "unknown transfer syntax"
         raise BadFileError(
@@ -290,6 +351,37 @@ def _load_dicom(path: Path, notes: list[str]) -> np.ndarray:
     if photometric == "MONOCHROME1":
         image = 1.0 - image
     return image.astype(np.float32)
+
+
+def _dicom_header(path: Path):
+    """A DICOM file's dataset up to its pixel data, reading a bounded amount: pydicom inflates the whole of a
+    deflated dataset before parsing it (15000^2 16-bit zeros: 0.4 MB on disk, 450 MB inflated), so for that
+    transfer syntax only the first :data:`_DICOM_HEADER_LIMIT` bytes are inflated and parsed here."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as file:
+            read_preamble(file, force=True)
+            meta = _read_file_meta_info(file)
+            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+                file.seek(0)
+                return pydicom.dcmread(file, force=True, stop_before_pixels=True)
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            prefix = b""
+            while len(prefix) < _DICOM_HEADER_LIMIT and not inflater.eof:
+                chunk = file.read(1 << 16)
+                if not chunk:
+                    break
+                prefix += inflater.decompress(chunk, _DICOM_HEADER_LIMIT - len(prefix))
+        return read_dataset(
+            DicomBytesIO(prefix), is_implicit_VR=False, is_little_endian=True,
+            stop_when=lambda tag, vr, length: tag == _PIXEL_DATA_TAG,
+        )
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for malformed files
+        raise BadFileError(path, f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
 
 
 def _first_value(value) -> float:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from jointssl.data.errors import BadFileError, DataValidationError
+from jointssl.data.file_checks import is_regular_file, not_a_file_reason
 
 T = TypeVar("T")
 
@@ -172,8 +173,8 @@ def read_manifest(
     the callers' own row checks.
     """
     path = Path(manifest).expanduser()
-    if not path.is_file():
-        state = "is a folder, not a CSV file" if path.is_dir() else "does not exist"
+    if not is_regular_file(path):
+        state = "is a folder, not a CSV file" if path.is_dir() else not_a_file_reason(path)
         raise DataValidationError([BadFileError(path, f"{what} {state}")])
     try:
         text = _decode(path.read_bytes())

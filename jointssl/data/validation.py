@@ -29,6 +29,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,9 +41,16 @@ from tqdm import tqdm
 from jointssl import distributed
 from jointssl.checkpointing import write_atomic
 from jointssl.data.errors import BadFileError, DataValidationError
-from jointssl.data.image_io import MIN_IMAGE_SIDE, check_image_size, decode_image_2d
+from jointssl.data.file_checks import DEFAULT_MAX_DECODED_BYTES, validation_memory_budget
+from jointssl.data.image_io import (
+    MIN_IMAGE_SIDE,
+    check_image_header,
+    check_image_size,
+    decode_image_2d,
+    declared_decoded_size,
+)
 from jointssl.data.intensity import check_unit_intensities
-from jointssl.data.volume_io import ModalityChoice, load_volume, read_volume_header
+from jointssl.data.volume_io import ModalityChoice, declared_decoded_bytes, load_volume, read_volume_header
 
 if TYPE_CHECKING:
     from jointssl.data.discovery import ImageRecord
@@ -142,6 +150,8 @@ def check_files(
     on_result: Callable[[FileCheck], None] | None = None,
     cache: ValidationCache | None = None,
     path_of: Callable[[T], str] | None = None,
+    cost_of: Callable[[T], int] | None = None,
+    memory_budget: int | None = None,
 ) -> list[FileCheck]:
     """Check every item with ``check_one`` in ``num_threads`` threads and return the results in item order.
 
@@ -157,14 +167,27 @@ def check_files(
             recorded in it (:meth:`ValidationCache.save` writes them).
         path_of: the file of an item, for the cache and for a raised BadFileError (default: the item itself when
             it is a path, else its ``path`` attribute).
+        cost_of: the bytes checking an item decodes, from its header (e.g. :func:`declared_decoded_bytes`); with
+            ``memory_budget``, the threads check items at once only while their costs add up to at most the
+            budget (:class:`MemoryBudget`), so that the memory of validation as a whole is bounded, not only each
+            file's.
+
+    A ``MemoryError`` while checking an item is that item's result (:data:`OUT_OF_MEMORY_REASON`), not the end of
+    the check: the other files are still checked and reported.
     """
     path_of = path_of or _item_path
+    budget = MemoryBudget(memory_budget) if memory_budget is not None and cost_of is not None else None
 
     def run_one(item: T) -> FileCheck:
         try:
-            return check_one(item)
+            if budget is None:
+                return check_one(item)
+            with budget.reserve(_cost(cost_of, item)):
+                return check_one(item)
         except BadFileError as error:
             return FileCheck.failed(error, path_of(item))
+        except MemoryError:
+            return FileCheck.failed(BadFileError(path_of(item), OUT_OF_MEMORY_REASON), path_of(item))
 
     # The cache is consulted in this thread, before any decoding: a file's stamp is taken before it is read, so
     # that a file changed while it is checked is checked again next time.
@@ -187,6 +210,45 @@ def check_files(
                 on_result(result)
             bar.update()
     return results
+
+
+#: The reason of a file whose check ran out of memory.
+OUT_OF_MEMORY_REASON = (
+    "ran out of memory while decoding it (MemoryError): lower max_decoded_bytes to refuse files this large, or "
+    "validation_threads (--threads) to decode fewer files at once"
+)
+
+
+class MemoryBudget:
+    """Admits work by its declared size against a total: :meth:`reserve` waits while other work holds so much
+    that this one's would exceed it. Work larger than the whole budget runs alone rather than never."""
+
+    def __init__(self, total: int):
+        self.total = max(1, int(total))
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, amount: int) -> Iterator[None]:
+        amount = min(max(0, int(amount)), self.total)
+        with self._changed:
+            while self._used and self._used + amount > self.total:
+                self._changed.wait()
+            self._used += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used -= amount
+                self._changed.notify_all()
+
+
+def _cost(cost_of: Callable[[T], int], item: T) -> int:
+    """An item's declared cost; 0 when its header cannot be read (its check then reports why)."""
+    try:
+        return int(cost_of(item))
+    except Exception:  # noqa: BLE001 - the check of the item reports the same failure with its reason
+        return 0
 
 
 @contextlib.contextmanager
@@ -367,10 +429,14 @@ def _cache_key(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_image(path: str, min_side: int = MIN_IMAGE_SIDE) -> FileCheck:
+def check_image(
+    path: str, min_side: int = MIN_IMAGE_SIDE, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES
+) -> FileCheck:
     """Decode one 2D image as training will (:func:`~jointssl.data.image_io.decode_image_2d`) and check its size
     and its [0, 1] intensities (non-finite values are refused, a constant image gets a note: the check volumes get
-    too, :func:`~jointssl.data.intensity.check_unit_intensities`)."""
+    too, :func:`~jointssl.data.intensity.check_unit_intensities`).
+    An image whose header declares more than ``max_decoded_bytes`` is refused before it is decoded."""
+    check_image_header(path, max_decoded_bytes)
     decoded = decode_image_2d(path)
     check_image_size(path, decoded.array, min_side)
     blank = check_unit_intensities(str(path), decoded.array, "decoding to [0, 1]")
@@ -385,12 +451,21 @@ def check_images(
     progress: str | None = None,
     on_result: Callable[[FileCheck], None] | None = None,
     cache: ValidationCache | None = None,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
 ) -> list[FileCheck]:
     """Decode every image (records or paths) once and return, in order, each one's :class:`FileCheck`. This is
     the validation of :class:`~jointssl.data.JointDataModule`, of the downstream image data and of ``jointssl
-    check-data``."""
+    check-data``. No image may decode to more than ``max_decoded_bytes``, and the threads decode at most
+    :func:`~jointssl.data.file_checks.validation_memory_budget` bytes at once."""
     return check_files(
-        records, lambda record: check_image(_item_path(record), min_side), num_threads, progress, on_result, cache
+        records,
+        lambda record: check_image(_item_path(record), min_side, max_decoded_bytes),
+        num_threads,
+        progress,
+        on_result,
+        cache,
+        cost_of=lambda record: declared_decoded_size(_item_path(record))[0],
+        memory_budget=validation_memory_budget(max_decoded_bytes),
     )
 
 
@@ -432,9 +507,17 @@ def check_volumes(
     **load_kwargs,
 ) -> list[FileCheck]:
     """Load every volume once and return, in order, each one's :class:`FileCheck` (each thread holds one decoded
-    volume at a time)."""
+    volume at a time, and the threads together at most
+    :func:`~jointssl.data.file_checks.validation_memory_budget` of ``max_decoded_bytes``, a load_volume
+    argument)."""
     return check_files(
-        items, lambda item: check_volume(item, modality, **load_kwargs), num_threads, progress, on_result
+        items,
+        lambda item: check_volume(item, modality, **load_kwargs),
+        num_threads,
+        progress,
+        on_result,
+        cost_of=lambda item: declared_decoded_bytes(_item_path(item)),
+        memory_budget=validation_memory_budget(load_kwargs.get("max_decoded_bytes", DEFAULT_MAX_DECODED_BYTES)),
     )
 
 

@@ -10,7 +10,11 @@ augmentation runs on every access. Cache modes:
 * ``"disk"``: MONAI ``PersistentDataset``; each volume is decoded on first access and written under
   ``cache_dir/volumes-<hash of the loading parameters>/``, so later epochs *and later runs* read the decoded
   tensor instead of the .nii.gz. The key of a volume includes its path, size and modification time, so an
-  edited file is decoded again. Files are read back with ``torch.load(weights_only=True)``.
+  edited file is decoded again. Files are read back with ``torch.load(weights_only=True)``. Entries are written
+  atomically in the cache folder itself (:func:`jointssl.checkpointing.write_atomic`: a temporary file beside
+  the entry, fsynced, then renamed over it), not in ``$TMPDIR`` and moved across file systems as MONAI does, so
+  that a full disk or a killed run leaves no truncated entry; an entry that cannot be read all the same (a disk
+  error, a file damaged by hand) is reported once, naming the entry and the volume, and rebuilt.
 * ``"none"``: decode on every access.
 * ``"auto"`` (default): "disk" when ``cache_dir`` is given, else "memory".
 
@@ -38,9 +42,11 @@ from monai.data import Dataset as MonaiDataset
 from monai.transforms import Transform
 from torch.utils.data import Dataset
 
+from jointssl.checkpointing import write_atomic
 from jointssl.data.errors import BadFileError
+from jointssl.data.file_checks import DEFAULT_MAX_DECODED_BYTES, validation_memory_budget
 from jointssl.data.validation import FileCheck, ValidationCache, apply_bad_file_policy, check_files
-from jointssl.data.volume_io import VolumeRecord, load_volume
+from jointssl.data.volume_io import VolumeRecord, declared_decoded_bytes, load_volume
 from jointssl.data.volume_transforms import VolumeViews
 
 logger = logging.getLogger("jointssl.data")
@@ -49,6 +55,9 @@ CacheMode = Literal["auto", "none", "memory", "disk"]
 # Bump when the cached content or load_volume's output changes, so that old disk caches are not reused.
 CACHE_FORMAT_VERSION = 2  # 2: load_volume normalises in float64 and refuses untrainable results (issue 14)
 _LOAD_PARAMETERS = set(inspect.signature(load_volume).parameters) - {"path"}
+# load_volume arguments that decide only whether a file is refused, not what a loaded volume holds: changing
+# them must not start a new disk cache.
+_NOT_IN_CACHE_KEY = frozenset({"max_decoded_bytes"})
 
 
 class _LoadVolume(Transform):
@@ -70,6 +79,49 @@ class _LoadVolume(Transform):
             "path": item["path"],
             "source": item["source"],
         }
+
+
+class _VolumeDiskCache(PersistentDataset):
+    """MONAI's PersistentDataset whose entries cannot poison later runs (the module docstring): written
+    atomically in the cache folder, and an entry that cannot be read (truncated, damaged: ``torch.load`` then
+    raises e.g. ``OSError: [Errno 22]`` naming neither the entry nor the volume) or does not hold a volume is
+    reported once with both and rebuilt, instead of failing every later run in ``setup``."""
+
+    def _cachecheck(self, item_transformed):
+        entry = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        volume_path = item_transformed["path"]
+        if entry.is_file():
+            cached = _read_cache_entry(entry, volume_path)
+            if cached is not None:
+                return cached
+        item = self._pre_transform(copy.deepcopy(item_transformed))
+        try:
+            write_atomic(entry, lambda temporary: torch.save(item, temporary))
+        except OSError as error:  # a full disk, a read-only cache: the volume is decoded, only not cached
+            logger.warning(
+                "could not write the volume cache entry %s for %s (%s): it is decoded again when next read",
+                entry, volume_path, error,
+            )
+        return item
+
+
+def _read_cache_entry(entry: Path, volume_path: str) -> dict[str, Any] | None:
+    """A disk-cache entry's item, or None (with one warning naming the entry and the volume, and the entry
+    removed) when it cannot be read or does not hold a volume."""
+    try:
+        item = torch.load(entry, weights_only=True)
+        if not isinstance(item, dict) or not isinstance(item.get("volume"), torch.Tensor) or item["volume"].ndim != 3:
+            raise ValueError("it does not hold a decoded volume")
+        return item
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch.load raises OSError, RuntimeError, EOFError, pickle errors
+        logger.warning(
+            "volume cache entry %s for %s cannot be read (%s: %s): removed, the volume is decoded again",
+            entry, volume_path, type(error).__name__, error,
+        )
+        entry.unlink(missing_ok=True)
+        return None
 
 
 class CachedVolumes(Dataset):
@@ -133,7 +185,7 @@ class CachedVolumes(Dataset):
             return CacheDataset(
                 items, transform, progress=False, copy_cache=False, runtime_cache=self._memory_cache
             )
-        return PersistentDataset(items, transform, cache_dir=self.cache_dir, weights_only=True)
+        return _VolumeDiskCache(items, transform, cache_dir=self.cache_dir, weights_only=True)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -175,6 +227,10 @@ class CachedVolumes(Dataset):
             progress=progress,
             cache=cache,
             path_of=lambda position: self.records[position].path,
+            cost_of=lambda position: declared_decoded_bytes(self.records[position].path),
+            memory_budget=validation_memory_budget(
+                self.load_kwargs.get("max_decoded_bytes", DEFAULT_MAX_DECODED_BYTES)
+            ),
         )
 
     def subset(self, positions: Sequence[int]) -> CachedVolumes:
@@ -377,5 +433,7 @@ def _parameters_hash(load_kwargs: Mapping[str, Any]) -> str:
     }
     # Hash the full effective parameters, so that passing a default explicitly hits the same cache.
     effective = {**defaults, **load_kwargs, "cache_format_version": CACHE_FORMAT_VERSION}
+    for name in _NOT_IN_CACHE_KEY:
+        effective.pop(name, None)
     text = json.dumps(effective, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

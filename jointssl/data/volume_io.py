@@ -59,7 +59,7 @@ from monai.transforms import EnsureChannelFirst, Orientation, Resize, Spacing
 from monai.utils import convert_to_tensor
 
 from jointssl.data.errors import BadFileError
-from jointssl.data.file_checks import display_suffix, has_suffix, require_regular_file
+from jointssl.data.file_checks import DEFAULT_MAX_DECODED_BYTES, display_suffix, has_suffix, require_regular_file
 from jointssl.data.geometry import RAS_AXES_FOR_LAYOUT, RAS_LABELS, SliceAxis
 from jointssl.data.intensity import (
     check_raw_intensities,
@@ -142,6 +142,7 @@ def load_volume(
     mr_percentiles: tuple[float, float] = (0.5, 99.5),
     min_slices: int = 3,
     min_in_plane: int = 1,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
 ) -> LoadedVolume:
     """Read, validate, reorient, resample and normalise one volume.
 
@@ -157,6 +158,8 @@ def load_volume(
         min_slices: fewer slices than this (before or after resampling) make the volume a bad file.
         min_in_plane: slices with a side under this many pixels (before resizing) make the volume a bad file
             (pretraining asks for the 2D images' minimum, :data:`~jointssl.data.image_io.MIN_IMAGE_SIDE`).
+        max_decoded_bytes: a volume whose header declares more decoded voxel bytes than this is a bad file,
+            refused before it is decoded (:func:`~jointssl.data.file_checks.check_decoded_size`); None: no bound.
 
     Raises:
         BadFileError: the file cannot be read or is not a usable 3D volume, or its normalised intensities are not
@@ -164,7 +167,9 @@ def load_volume(
     """
     if modality not in ("ct", "mr", "auto"):
         raise ValueError(f"modality must be 'ct', 'mr' or 'auto', got {modality!r}")
-    raw = read_volume(path, slice_axis, in_plane_size, target_spacing, "linear", min_slices, min_in_plane)
+    raw = read_volume(
+        path, slice_axis, in_plane_size, target_spacing, "linear", min_slices, min_in_plane, max_decoded_bytes
+    )
     resolved = modality if modality != "auto" else infer_modality(raw)
     if resolved == "ct":
         normalised = window_to_unit(raw.array, *hu_window)
@@ -187,6 +192,7 @@ def read_volume(
     interpolation: Interpolation = "linear",
     min_slices: int = 3,
     min_in_plane: int = 1,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
 ) -> RawVolume:
     """Read and validate one volume and bring it into the slice layout, keeping its original values.
 
@@ -198,8 +204,9 @@ def read_volume(
     path_str = str(path)
     reader = volume_reader(path_str)
     header = reader.read_header(path_str)
+    header.check_decoded_size(path_str, max_decoded_bytes)  # before decoding: a 3 MB .nii.gz can hold 3 GB
     notes = list(header.notes)
-    image = _decode(path_str, reader)
+    image = _decode(path_str, reader, header)
     if reader.world_geometry:
         array, spacing = _to_slice_layout(
             image, path_str, slice_axis, target_spacing, interpolation, min_slices, notes
@@ -266,19 +273,50 @@ def read_volume_header(path: str | os.PathLike) -> VolumeHeader:
     return volume_reader(path_str).read_header(path_str)
 
 
-def _decode(path: str, reader: VolumeReader) -> MetaTensor:
-    """Decode with the reader; any failure here means unreadable data (truncated gzip, broken codec stream,
-    ...)."""
+def declared_decoded_bytes(path: str | os.PathLike) -> int:
+    """What decoding a volume makes, from its header alone (:attr:`VolumeHeader.decoded_bytes`): the cost by which
+    validation admits volumes into its memory budget. Raises BadFileError as :func:`read_volume_header` does."""
+    return read_volume_header(path).decoded_bytes
+
+
+def _decode(path: str, reader: VolumeReader, header: VolumeHeader) -> MetaTensor:
+    """Decode with the reader to float32, refusing values that float32 cannot hold (decoded as float64 first
+    when the header's type is that wide); any other failure here means unreadable data (truncated gzip, broken
+    codec stream, ...). A MemoryError is not the file's content: it is left to the caller (validation reports it
+    for the file)."""
+    wide = header.decoded_item_size > 4
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MONAI warns about optional GPU codecs on every call
-            return reader.decode(path)
-    except (BadFileError, MissingReaderError):
+            image = reader.decode(path, np.float64 if wide else np.float32)
+    except (BadFileError, MissingReaderError, MemoryError):
         raise
     except Exception as error:  # readers raise many types; all mean "cannot decode this file"
         # One line: some readers put newlines in their messages, and reports list one problem per line.
         message = " ".join(str(error).split())
         raise BadFileError(path, f"cannot decode the image data ({type(error).__name__}: {message})") from error
+    _check_float32_range(image, path)
+    return image.to(torch.float32)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_range(image: torch.Tensor, path: str) -> None:
+    """Refuse finite values that float32, the type training reads, cannot hold: converted they would be
+    infinite, and reported as infinite voxels the file does not have."""
+    if image.dtype != torch.float64:  # every narrower type, integers included, fits in float32's range
+        return
+    values = image.as_tensor() if isinstance(image, MetaTensor) else image
+    beyond = torch.isfinite(values) & (values.abs() > _FLOAT32_MAX)
+    count = int(beyond.sum())
+    if count:
+        largest = float(values[beyond].abs().max())
+        raise BadFileError(
+            path,
+            f"{count} voxel value(s) beyond float32 range (magnitude up to {largest:.3g}; float32 holds up to "
+            f"{_FLOAT32_MAX:.3g}): the file stores float64, training reads float32, where they would be infinite",
+        )
 
 
 def _to_slice_layout(

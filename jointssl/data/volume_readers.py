@@ -45,7 +45,7 @@ from monai.transforms import LoadImage
 from monai.utils import MetaKeys, SpaceKeys
 
 from jointssl.data.errors import BadFileError
-from jointssl.data.file_checks import describe_os_error, is_regular_file
+from jointssl.data.file_checks import check_decoded_size, describe_os_error, is_regular_file
 
 Modality = Literal["ct", "mr"]
 
@@ -69,8 +69,13 @@ _DICOM_HEADER_TAGS = [
     "PixelSpacing",
     "Rows",
     "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "NumberOfFrames",
     "Modality",
 ]
+# Direction cosines of ImageOrientationPatient are stored as decimal strings of limited precision.
+_ORIENTATION_TOLERANCE = 1e-2
 # Two slices closer than this along the normal are the same slice stored twice.
 _DUPLICATE_POSITION_MM = 1e-2
 # Relative deviation from the median slice gap above which a series has gaps or irregular spacing.
@@ -94,12 +99,29 @@ class MissingReaderError(ImportError):
 
 @dataclass(frozen=True)
 class VolumeHeader:
-    """What a volume's header says, checked: the array shape as stored, its voxel -> RAS mm affine, and notes."""
+    """What a volume's header says, checked: the array shape as stored, its voxel -> RAS mm affine, and notes;
+    and what decoding it makes (:attr:`decoded_bytes`), known before anything is decoded."""
 
     shape: tuple[int, int, int]  # file axes (i, j, k); for a DICOM series (columns, rows, slices)
     affine: np.ndarray | None  # voxel -> RAS mm; None for .npy (no geometry) and DICOM (known after decoding)
     notes: tuple[str, ...] = ()  # repairs a researcher should know about (e.g. a singleton 4th axis dropped)
     dicom_modality: Modality | None = None  # from the DICOM Modality tag (CT / MR), else None
+    stored_type: str = "float32"  # the voxel type as stored (numpy's name)
+    #: Bytes per voxel of the widest array decoding makes: the stored type, or float32 (what training reads),
+    #: or float64 where the reader scales (NIfTI scl_slope / scl_inter).
+    decoded_item_size: int = 4
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What decoding the volume makes, from the header alone (:func:`check_decoded_size`)."""
+        return int(np.prod(self.shape, dtype=np.float64)) * max(4, self.decoded_item_size)
+
+    def check_decoded_size(self, path: str, max_decoded_bytes: int | None) -> None:
+        """Refuse a volume whose header declares more than ``max_decoded_bytes`` of decoded voxels."""
+        what = f"{' x '.join(map(str, self.shape))} voxels of {self.stored_type}"
+        if self.stored_type != "float32":
+            what += f" decoded as {'float64' if max(4, self.decoded_item_size) == 8 else 'float32'}"
+        check_decoded_size(path, self.decoded_bytes, what, max_decoded_bytes)
 
 
 class VolumeReader:
@@ -115,13 +137,16 @@ class VolumeReader:
         """Check the file from its header alone; raise :class:`BadFileError` naming it and the reason."""
         raise NotImplementedError
 
-    def decode(self, path: str) -> MetaTensor:
-        """The voxels as a 3D float32 MetaTensor (file axes, no channel axis) with its voxel -> RAS affine.
+    def decode(self, path: str, dtype: type = np.float32) -> MetaTensor:
+        """The voxels as a 3D float32 MetaTensor (file axes, no channel axis; trailing axes of length 1, which the
+        header check allowed, dropped) with its voxel -> RAS affine. ``dtype`` float64 keeps values beyond float32
+        finite, so that a caller can tell them from infinities (:func:`jointssl.data.volume_io.read_volume`).
         Failures are left to the caller, which reports them as undecodable data."""
-        loader = _load_image(self)
+        loader = _load_image(self, np.dtype(dtype).name)
         # Named at call time, LoadImage uses only this reader: registered, it would try every MONAI reader in turn
         # after a failure and report all of their tracebacks.
-        return loader(path, reader=loader.readers[-1])
+        image = loader(path, reader=loader.readers[-1])
+        return drop_trailing_singletons(image)
 
     def image_reader(self) -> ImageReader:
         """The MONAI reader that decodes this format (used by :meth:`decode`)."""
@@ -158,10 +183,14 @@ class NiftiReader(VolumeReader):
                 "header.set_zooms)",
             )
         affine = _checked_affine(path, image.affine)
+        dtype = header.get_data_dtype()
+        _check_real_valued(path, dtype)
         if not path.lower().endswith(".gz"):
             # The proxy knows where the data starts (image.header was re-made on load: its offset reads 0).
-            _check_data_size(path, path, int(image.dataobj.offset), shape, header.get_data_dtype().itemsize)
-        return VolumeHeader(shape, affine, notes)
+            _check_data_size(path, path, int(image.dataobj.offset), shape, dtype.itemsize)
+        # nibabel applies scl_slope / scl_inter in float64.
+        scaled = any(value is not None for value in header.get_slope_inter())
+        return VolumeHeader(shape, affine, notes, None, dtype.name, 8 if scaled else dtype.itemsize)
 
     def image_reader(self) -> ImageReader:
         # squeeze_non_spatial_dims turns (X, Y, Z, 1) into (X, Y, Z); true 4D files are rejected from the header.
@@ -191,10 +220,10 @@ class MghReader(VolumeReader):
         if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
             raise BadFileError(path, f"broken MGH header: voxel sizes must be positive, got {zooms.tolist()}")
         affine = _checked_affine(path, affine)
+        dtype = image.header.get_data_dtype()
         if not path.lower().endswith(".mgz"):
-            item_size = image.header.get_data_dtype().itemsize
-            _check_data_size(path, path, int(image.dataobj.offset), shape, item_size)
-        return VolumeHeader(shape, affine, notes)
+            _check_data_size(path, path, int(image.dataobj.offset), shape, dtype.itemsize)
+        return VolumeHeader(shape, affine, notes, None, dtype.name, dtype.itemsize)
 
     def image_reader(self) -> ImageReader:
         return NibabelReader(squeeze_non_spatial_dims=True)
@@ -228,8 +257,17 @@ def _unreadable_nifti_reason(path: str, error: Exception) -> str:
     code = int(raw["datatype"])
     if code not in nib.nifti1.data_type_codes.code:
         return f"broken NIfTI header: unknown datatype code {code}"
+    if code == _NIFTI_DT_BINARY:
+        return (
+            "unsupported NIfTI data type: 1-bit voxels (DT_BINARY, datatype 1), which nibabel cannot read; "
+            "save the volume as uint8"
+        )
     message = " ".join(str(error).split())
     return f"truncated or corrupt NIfTI: the header is valid, the rest is not ({type(error).__name__}: {message})"
+
+
+# NIfTI's DT_BINARY: 1 bit per voxel, in the standard's table of codes but read by no library jointssl uses.
+_NIFTI_DT_BINARY = 1
 
 
 def _stored_pixdim(path: str, header_class: type) -> np.ndarray:
@@ -284,10 +322,21 @@ class NrrdFileReader(VolumeReader):
             data_path = os.path.join(os.path.dirname(path), str(data_file))
             if not os.path.isfile(data_path):
                 raise BadFileError(path, f"data file {data_file} (named by the header's 'data file') does not exist")
-        return VolumeHeader(shape, affine, notes)
+        dtype = _nrrd_dtype(path, header)
+        return VolumeHeader(shape, affine, notes, None, dtype.name, dtype.itemsize)
 
     def image_reader(self) -> ImageReader:
         return NrrdReader()
+
+
+def _nrrd_dtype(path: str, header: dict) -> np.dtype:
+    """The voxel type a NRRD header declares, as pynrrd decodes it."""
+    from nrrd.reader import _determine_datatype  # pynrrd's own mapping of the 'type' field (no public one)
+
+    try:
+        return np.dtype(_determine_datatype(header))
+    except Exception as error:  # noqa: BLE001 - pynrrd raises NRRDError / KeyError for an unknown or missing type
+        raise BadFileError(path, f"broken NRRD header: voxel type {header.get('type')!r} ({error})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,11 +397,11 @@ class MetaImageReader(VolumeReader):
         except RuntimeError as error:
             raise BadFileError(path, "broken MetaImage header (SimpleITK cannot read it)") from error
         affine = _checked_affine(path, _itk_ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin()))
-        return VolumeHeader(shape, affine, notes)
+        return VolumeHeader(shape, affine, notes, None, element_type, item_size)
 
-    def decode(self, path: str) -> MetaTensor:
+    def decode(self, path: str, dtype: type = np.float32) -> MetaTensor:
         _simpleitk(path)  # the clear message when the extra is missing, not MONAI's "no suitable reader"
-        return super().decode(path)
+        return super().decode(path, dtype)
 
     def image_reader(self) -> ImageReader:
         return _SimpleITKReader()
@@ -373,8 +422,8 @@ class _SimpleITKReader(ImageReader):
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         import SimpleITK as sitk
 
-        if img.GetDimension() == 4:  # a singleton 4th axis (checked in the header): the 3D volume it holds
-            img = img[:, :, :, 0]
+        while img.GetDimension() > 3:  # trailing axes of length 1 (checked in the header): the 3D volume they hold
+            img = img[(slice(None),) * (img.GetDimension() - 1) + (0,)]
         array = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))  # [k, j, i] -> [i, j, k]
         affine = _itk_ras_affine(img.GetDirection(), img.GetSpacing(), img.GetOrigin())
         meta = {
@@ -458,17 +507,15 @@ class NumpyReader(VolumeReader):
 
     def read_header(self, path: str) -> VolumeHeader:
         array = self._memory_map(path)
-        shape = array.shape[:3] if array.ndim == 4 and array.shape[3] == 1 else array.shape
-        _check_dimensionality(path, shape)
-        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        _check_real_valued(path, array.dtype)
+        if not np.issubdtype(array.dtype, np.number):
             raise BadFileError(path, f"array of dtype {array.dtype}; a real-valued numeric volume is expected")
-        return VolumeHeader(tuple(int(s) for s in shape), None)  # type: ignore[arg-type]
+        shape, notes = _checked_shape(path, tuple(int(s) for s in array.shape), self.format_name, note_4d=False)
+        return VolumeHeader(shape, None, notes, None, array.dtype.name, array.dtype.itemsize)
 
-    def decode(self, path: str) -> MetaTensor:
+    def decode(self, path: str, dtype: type = np.float32) -> MetaTensor:
         array = np.load(path, allow_pickle=False)
-        if array.ndim == 4:
-            array = array[..., 0]
-        return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+        return drop_trailing_singletons(MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))))
 
     @staticmethod
     def _memory_map(path: str) -> np.ndarray:
@@ -493,8 +540,8 @@ class DicomSeriesReader(VolumeReader):
 
     def read_header(self, path: str) -> VolumeHeader:
         """Check from the headers that a folder holds exactly one complete, regular series."""
-        shape, modality = _check_dicom_series(path)
-        return VolumeHeader(shape, None, (), modality)
+        shape, modality, item_size = _check_dicom_series(path)
+        return VolumeHeader(shape, None, (), modality, f"{8 * item_size}-bit pixels", item_size)
 
     def image_reader(self) -> ImageReader:
         # fname_regex=None: only files that are DICOM (preamble + "DICM") belong to the series, not stray files.
@@ -516,9 +563,9 @@ class _SliceNormalPydicomReader(PydicomReader):
         return super()._combine_dicom_series(data, filenames)
 
 
-def _check_dicom_series(folder: str) -> tuple[tuple[int, int, int], Modality | None]:
+def _check_dicom_series(folder: str) -> tuple[tuple[int, int, int], Modality | None, int]:
     """Check from the headers that a folder holds exactly one complete, regular series; return its shape
-    (columns, rows, slices) and modality.
+    (columns, rows, slices), modality and bytes per stored sample (BitsAllocated / 8).
 
     MONAI stacks whatever files a folder holds (it only warns about mismatched sizes), so a folder with two
     series, mixed orientations, or a missing or duplicated slice would otherwise load as a wrong volume.
@@ -554,13 +601,31 @@ def _check_dicom_series(folder: str) -> tuple[tuple[int, int, int], Modality | N
             folder,
             f"{len(lacking)} slice(s) lack ImagePositionPatient/ImageOrientationPatient, e.g. {lacking[0]}",
         )
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    orientations = [_orientation(ds) for ds in headers]
+    invalid = [(f.name, o) for f, o in zip(files, orientations) if not _is_valid_orientation(o)]
+    if invalid:
+        name, values = invalid[0]
+        raise BadFileError(
+            folder,
+            f"{len(invalid)} slice(s) with an invalid ImageOrientationPatient, e.g. {name}: "
+            f"{[round(float(v), 6) for v in values]}; its row and column directions must be unit vectors at right "
+            "angles (the slice positions along the normal cannot be known)",
+        )
+    orientations = np.array(orientations)
     if not np.allclose(orientations, orientations[0], atol=1e-4):
         distinct = len({tuple(np.round(o, 4)) for o in orientations})
         raise BadFileError(folder, f"mixed slice orientations ({distinct} different ImageOrientationPatient)")
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
     if len(sizes) > 1:
         raise BadFileError(folder, f"slices of different sizes {sorted(sizes)}")
+    for file, ds in zip(files, headers):
+        shortfall = _pixel_data_shortfall(ds)
+        if shortfall is not None:
+            raise BadFileError(
+                folder,
+                f"{file.name}: truncated pixel data: {shortfall[0]} bytes where Rows x Columns x SamplesPerPixel x "
+                f"BitsAllocated / 8 needs {shortfall[1]}",
+            )
     positions = np.array([_position_along_normal(ds) for ds in headers])
     order = np.argsort(positions, kind="stable")
     gaps = np.diff(positions[order])
@@ -583,16 +648,55 @@ def _check_dicom_series(folder: str) -> tuple[tuple[int, int, int], Modality | N
         )
     rows, columns = sizes.pop()
     modality = str(headers[0].get("Modality", "")).upper()
-    return (columns, rows, len(headers)), {"CT": "ct", "MR": "mr"}.get(modality)  # type: ignore[return-value]
+    samples = max(int(ds.get("SamplesPerPixel", 1) or 1) for ds in headers)
+    item_size = max(-(-int(ds.get("BitsAllocated", 16) or 16) // 8) for ds in headers)
+    shape = (columns, rows, len(headers))
+    return shape, {"CT": "ct", "MR": "mr"}.get(modality), samples * item_size  # type: ignore[return-value]
 
 
 def _has_geometry(ds: pydicom.Dataset) -> bool:
     return "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
 
 
+def _orientation(ds: pydicom.Dataset) -> np.ndarray:
+    return np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+
+
+def _is_valid_orientation(orientation: np.ndarray) -> bool:
+    """Six direction cosines: two unit vectors at right angles (all zeros, a common export bug, is not)."""
+    if orientation.shape != (6,) or not np.all(np.isfinite(orientation)):
+        return False
+    row, column = orientation[:3], orientation[3:]
+    return bool(
+        abs(np.linalg.norm(row) - 1) < _ORIENTATION_TOLERANCE
+        and abs(np.linalg.norm(column) - 1) < _ORIENTATION_TOLERANCE
+        and abs(np.dot(row, column)) < _ORIENTATION_TOLERANCE
+    )
+
+
+def _pixel_data_shortfall(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """(bytes held, bytes needed) of a slice whose native (uncompressed) pixel data is shorter than its image
+    attributes need; None otherwise (encapsulated data is checked by its decoder)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    element = ds.get_item("PixelData")
+    if element is None or (syntax is not None and syntax.is_compressed):
+        return None
+    held = int(getattr(element, "length", None) or len(element.value or b""))
+    if held == 0xFFFFFFFF:  # undefined length: encapsulated
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+        needed *= int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None  # missing attributes: the decoder says what is wrong
+    needed = (needed * bits + 7) // 8
+    return (held, needed) if held < needed else None
+
+
 def _position_along_normal(ds: pydicom.Dataset) -> float:
     """Position of a slice along the normal of its plane (row direction x column direction), in mm."""
-    orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+    orientation = _orientation(ds)
     normal = np.cross(orientation[:3], orientation[3:])
     return float(np.dot([float(v) for v in ds.ImagePositionPatient], normal))
 
@@ -639,10 +743,11 @@ def reader_for_suffix(path: str) -> VolumeReader | None:
 
 
 @functools.cache
-def _load_image(reader: VolumeReader) -> LoadImage:
+def _load_image(reader: VolumeReader, dtype: str) -> LoadImage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LoadImage registers optional GPU readers and warns they are missing
-        return LoadImage(reader=reader.image_reader(), image_only=True, dtype=np.float32)
+        # An explicit dtype also converts big-endian data (MGH, some NIfTI) to native order, which MONAI needs.
+        return LoadImage(reader=reader.image_reader(), image_only=True, dtype=np.dtype(dtype).type)
 
 
 def _require_content(path: str) -> None:
@@ -650,9 +755,13 @@ def _require_content(path: str) -> None:
         raise BadFileError(path, "empty file (0 bytes)")
 
 
-def _checked_shape(path: str, shape: tuple[int, ...], format_name: str) -> tuple[tuple[int, int, int], tuple[str, ...]]:
-    """The 3D shape a header declares (a 4th axis of length 1 dropped, with a note), or BadFileError for
-    non-positive sizes, more than MAX_VOXELS voxels, 2D and 4D images."""
+def _checked_shape(
+    path: str, shape: tuple[int, ...], format_name: str, note_4d: bool = True
+) -> tuple[tuple[int, int, int], tuple[str, ...]]:
+    """The 3D shape a header declares (trailing axes of length 1 dropped, with a note), or BadFileError for
+    non-positive sizes, more than MAX_VOXELS voxels, 2D and 4D images. Every format drops any number of trailing
+    singleton axes alike: (X, Y, Z, 1, 1) holds one 3D volume as surely as (X, Y, Z, 1) does. ``note_4d`` False:
+    a single 4th axis of length 1 is the format's documented layout (.npy ``H x W x D x 1``), not a repair."""
     if shape and min(shape) < 1:
         raise BadFileError(path, f"broken {format_name} header: dimension sizes must be positive, got {shape}")
     voxels = int(np.prod(shape, dtype=np.float64))
@@ -660,12 +769,33 @@ def _checked_shape(path: str, shape: tuple[int, ...], format_name: str) -> tuple
         raise BadFileError(
             path, f"broken {format_name} header? it declares {' x '.join(map(str, shape))} voxels, more than 2**31"
         )
-    notes = ()
-    if len(shape) == 4 and shape[3] == 1:
+    notes: tuple[str, ...] = ()
+    if len(shape) > 3 and all(size == 1 for size in shape[3:]):
+        axes = "a 4th axis" if len(shape) == 4 else f"axes 4 to {len(shape)}"
+        if len(shape) > 4 or note_4d:
+            notes = (f"{len(shape)}D {format_name} with {axes} of length 1: read as the 3D volume it holds",)
         shape = shape[:3]
-        notes = (f"4D {format_name} with a 4th axis of length 1: read as the 3D volume it holds",)
     _check_dimensionality(path, shape)
     return shape, notes  # type: ignore[return-value]
+
+
+def drop_trailing_singletons(image: MetaTensor) -> MetaTensor:
+    """A decoded volume without the trailing axes of length 1 its header check allowed (:func:`_checked_shape`);
+    indexing keeps the MetaTensor's affine."""
+    if image.ndim > 3 and all(size == 1 for size in image.shape[3:]):
+        return image[(...,) + (0,) * (image.ndim - 3)]
+    return image
+
+
+def _check_real_valued(path: str, dtype: np.dtype) -> None:
+    """Refuse complex voxels: converting them to the float32 training reads would silently drop the imaginary
+    part (MR raw data, phase images)."""
+    if np.dtype(dtype).kind == "c":
+        raise BadFileError(
+            path,
+            f"complex-valued voxels ({np.dtype(dtype).name}): training reads real values and would drop the "
+            "imaginary part; save a real-valued volume (e.g. the magnitude, numpy.abs)",
+        )
 
 
 def _check_dimensionality(path: str, shape: tuple[int, ...]) -> None:
