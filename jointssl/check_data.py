@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from jointssl.errors import UserError
+
 __all__ = [
     "CheckSettings",
     "DataCheckReport",
@@ -57,7 +59,7 @@ PROG = "jointssl check-data"
 EXIT_CLEAN, EXIT_BAD_FILES, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in the arguments or the config (not in the data): exit status 2."""
 
 

@@ -10,6 +10,10 @@ parses anything (they take no model, data or trainer configuration):
     jointssl export --checkpoint runs/demo/checkpoints/last.ckpt --output exported/
     jointssl embed --pretrained runs/demo/checkpoints/last.ckpt --images /data/labelled --output embeddings/
     jointssl evaluate --train embeddings/ --group-regex 'patient([0-9]+)' --report report.json
+
+A mistake in what the user gave (a config value, a file, a path, a full disk) ends every command with one
+`jointssl <command>: error: <message>` on stderr and exit status 2; `--debug` or JOINTSSL_DEBUG=1 shows the
+traceback instead (jointssl.errors, docs/errors.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 # Imported so that the short class names in configs resolve and `--help` lists them.
 import jointssl.data
 import jointssl.pretrain  # noqa: F401
-from jointssl.checkpointing import install_atomic_checkpoint_io
+from jointssl.checkpointing import (
+    check_checkpoint_fits,
+    install_atomic_checkpoint_io,
+    read_lightning_checkpoint,
+)
+from jointssl.errors import DEBUG_FLAG, debug_requested, user_errors_reported
 from jointssl.tracking import ExperimentConfigCallback
 
 log = logging.getLogger("jointssl")
@@ -95,9 +104,29 @@ class JointSSLCLI(LightningCLI):
                         len(trainer.callbacks))
         trainer.callbacks.insert(position, SlurmRequeue(requeue_signal=int(environment.requeue_signal)))
 
+    #: `ckpt_path` values that are not file paths (Lightning resolves them itself).
+    CKPT_PATH_KEYWORDS = ("last", "best", "hpc")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads an existing `ckpt_path` file here to take its hyper-parameters, with a bare torch.load:
+        read it first through jointssl's reader, so that an empty, truncated or pickled file is one message."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and self._is_checkpoint_path(str(path)) and os.path.isfile(str(path)):
+            read_lightning_checkpoint(str(path), mmap=True)
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = self._resolve_ckpt_path(config.get("ckpt_path"))
+        path = config["ckpt_path"]
+        if path is not None and self._is_checkpoint_path(str(path)):
+            # Before the data module decodes a single file: a checkpoint that cannot be resumed is refused now.
+            checkpoint = read_lightning_checkpoint(str(path), mmap=True)
+            check_checkpoint_fits(str(path), self.model, checkpoint)
+
+    def _is_checkpoint_path(self, path: str) -> bool:
+        return self._is_local_path(path) and path not in self.CKPT_PATH_KEYWORDS and not path.startswith("registry")
 
     def _resolve_ckpt_path(self, requested: str | None) -> str | None:
         """`last` -> the newest `last*.ckpt` (or None: start fresh); None -> None, except where Lightning would
@@ -175,16 +204,10 @@ class JointSSLCLI(LightningCLI):
         return os.path.commonpath([path, folder]) == folder
 
     @staticmethod
-    def _checkpoint_global_step(path: str) -> int | str:
-        """`global_step` of a Lightning checkpoint, read memory-mapped (tensors are not read); "unknown" when the
-        file cannot be read that way (Lightning's own load reports why)."""
-        import torch
-
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as error:  # noqa: BLE001 - only for the message; the real load follows and raises
-            return f"unknown ({type(error).__name__})"
-        return int(checkpoint.get("global_step", 0))
+    def _checkpoint_global_step(path: str) -> int:
+        """`global_step` of a Lightning checkpoint, read memory-mapped (tensors are not read). A file that is not
+        one (empty, truncated, a folder named last.ckpt, ...) is refused here, naming it."""
+        return int(read_lightning_checkpoint(path, mmap=True).get("global_step", 0))
 
     def after_fit(self) -> None:
         # Researchers need to know where the weights went without digging through the log directory.
@@ -197,8 +220,8 @@ class JointSSLCLI(LightningCLI):
 
 def export_command(argv: Sequence[str]) -> None:
     """`jointssl export`: write a pretraining checkpoint's encoders as safetensors (see jointssl.downstream.export)."""
-    from jointssl.downstream.export import BACKBONE_WEIGHTS, ExportError, export_pretrained
-    from jointssl.downstream.pretrained import EXPORT_CONFIG, EXPORT_WEIGHTS, PretrainedLoadError
+    from jointssl.downstream.export import BACKBONE_WEIGHTS, export_pretrained
+    from jointssl.downstream.pretrained import EXPORT_CONFIG, EXPORT_WEIGHTS
 
     parser = argparse.ArgumentParser(
         prog="jointssl export",
@@ -212,10 +235,8 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument("--output", required=True, help="folder to write the export into (created if needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
     options = parser.parse_args(list(argv))
-    try:
-        files = export_pretrained(options.checkpoint, options.output, overwrite=options.overwrite)
-    except (PretrainedLoadError, ExportError) as error:
-        parser.exit(2, f"jointssl export: error: {error}\n")
+    # PretrainedLoadError / ExportError are user errors: main reports them as `jointssl export: error: ...`.
+    files = export_pretrained(options.checkpoint, options.output, overwrite=options.overwrite)
     print(f"jointssl: exported {files.encoders}, {files.backbone} and {files.config}", flush=True)
 
 
@@ -366,20 +387,38 @@ def main(args: ArgsType = None) -> None:
     # Frozen and unused parts run in eval mode on purpose (their BatchNorm statistics must not drift; JointSSL logs
     # which parts they are), which Lightning reports as a possible mistake at every start.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # A file name that is not valid in the output encoding (a non-UTF-8 name under a UTF-8 locale: lone
+    # surrogates) is printed escaped instead of ending the command with a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, (list, tuple)) and argv and argv[0] in HELPER_COMMANDS:
-        HELPER_COMMANDS[argv[0]][1](argv[1:])
-        return
-    JointSSLCLI(
-        **CLI_SCHEMA,
-        # A second run in the same directory must not fail on an existing config.yaml.
-        save_config_kwargs={"overwrite": True},
-        # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
-        save_config_callback=ExperimentConfigCallback,
-        # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
-        parser_kwargs={"epilog": _helper_epilog(), "formatter_class": _HelpFormatter},
-        args=args,
-    )
+    debug = False
+    if isinstance(argv, (list, tuple)):
+        debug = debug_requested(list(argv))
+        argv = [arg for arg in argv if arg != DEBUG_FLAG]
+        if args is not None:
+            args = argv
+        elif debug:
+            # LightningCLI reads sys.argv itself when given no args; it must not see --debug.
+            sys.argv = [sys.argv[0], *argv]
+    else:
+        debug = debug_requested()
+    command = argv[0] if isinstance(argv, list) and argv and not argv[0].startswith("-") else None
+    with user_errors_reported(f"jointssl {command}" if command else "jointssl", debug=debug):
+        if command in HELPER_COMMANDS:
+            HELPER_COMMANDS[command][1](argv[1:])
+            return
+        JointSSLCLI(
+            **CLI_SCHEMA,
+            # A second run in the same directory must not fail on an existing config.yaml.
+            save_config_kwargs={"overwrite": True},
+            # config.yaml into the experiment directory; resolved config + versions to the loggers (jointssl.tracking).
+            save_config_callback=ExperimentConfigCallback,
+            # `jointssl --help` lists the helper commands too (LightningCLI only knows the Trainer's).
+            parser_kwargs={"epilog": _helper_epilog(), "formatter_class": _HelpFormatter},
+            args=args,
+        )
 
 
 class _ParseOnlyCLI(JointSSLCLI):

@@ -210,7 +210,7 @@ def test_no_sources_too_few_images_and_not_set_up(tmp_path):
 def test_invalid_configuration_fails_at_construction():
     with pytest.raises(ValueError, match="on_bad_file"):
         JointDataModule(on_bad_file="ignore")
-    with pytest.raises(ValueError, match="global_scale"):
+    with pytest.raises(ValueError, match="global_crop_scale"):
         JointDataModule(global_crop_scale=(0.9, 0.1))
     with pytest.raises(ValueError, match="batch_size"):
         JointDataModule(batch_size=0)

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from jointssl.errors import UserError
 
 # Control, format and separator characters (Cc, Cf, Zl, Zp) and the lone surrogates of undecodable bytes (Cs).
 _UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
@@ -36,7 +37,7 @@ def printable(text: str | Path) -> str:
     return "".join(out)
 
 
-class BadFileError(ValueError):
+class BadFileError(UserError, ValueError):
     """One input file that cannot be used, and why. ``path`` is the file as given (for comparisons and file
     operations); the message shows it, and the reason, through :func:`printable`."""
 
@@ -48,7 +49,7 @@ class BadFileError(ValueError):
         super().__init__(f"{printable(self.path)}: {printable(reason)}" if reason else printable(self.path))
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """Every bad file found in one pass over the sources, reported together."""
 
     def __init__(self, errors: Sequence[BadFileError]):

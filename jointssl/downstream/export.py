@@ -35,7 +35,9 @@ from torch import Tensor
 
 from jointssl.checkpointing import write_atomic
 from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
+from jointssl.errors import UserError
 from jointssl.downstream.pretrained import (
+    BACKBONE_WEIGHTS,
     EXPORT_CONFIG,
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -47,13 +49,12 @@ from jointssl.models import VolumeEncoder
 
 log = logging.getLogger("jointssl.downstream")
 
-BACKBONE_WEIGHTS = "backbone.safetensors"
 EXPORT_FILES = (EXPORT_WEIGHTS, BACKBONE_WEIGHTS, EXPORT_CONFIG)
 #: Prefix of the timm feature extractor inside SliceEncoder's state dict.
 BACKBONE_PREFIX = "backbone."
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The checkpoint cannot be exported (tensors that do not fit the architecture, an existing export, ...)."""
 
 
@@ -74,13 +75,19 @@ def export_pretrained(checkpoint: str | Path, output: str | Path, overwrite: boo
     and :class:`ExportError` when its tensors do not fit the architecture it declares or when ``output`` already
     holds an export and ``overwrite`` is false.
     """
-    weights = load_pretrained(checkpoint)
-    _check_complete(weights)
     folder = Path(output)
+    # Checked before anything is read or written: nothing is half-written when the output cannot be used.
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"output {folder} is a file, not a folder: give a new or existing folder to export into")
     existing = [name for name in EXPORT_FILES if (folder / name).exists()]
     if existing and not overwrite:
         raise ExportError(f"{folder} already holds {existing}; pass overwrite=True (--overwrite) to replace them")
-    folder.mkdir(parents=True, exist_ok=True)
+    weights = load_pretrained(checkpoint)
+    _check_complete(weights)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
 
     backbone_name = weights.architecture["backbone"]
     feature_state = {

@@ -38,6 +38,8 @@ from timm.layers import DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
+from jointssl.errors import UserError
+
 InflationRule = Literal["mean", "center"]
 
 # Containers whose forward only chains their children (verified for timm 1.x ResNets).
@@ -48,7 +50,7 @@ _SHAPE_AGNOSTIC = (
 )
 
 
-class InflationError(ValueError):
+class InflationError(UserError, ValueError):
     """A 2D network holds a module that cannot be inflated to 3D."""
 
 

@@ -3,6 +3,13 @@ exported weights (a folder written by `jointssl export`: `encoders.safetensors` 
 
 Only tensors are ever read: checkpoints with `torch.load(weights_only=True)`, exports with safetensors. A file
 that would need arbitrary unpickling is refused.
+
+What `pretrained` names is what is loaded, or it is refused (PretrainedLoadError, a user error naming the file and
+why): a folder is an export folder (its `encoders.safetensors` + `config.json`); a `.safetensors` file is loaded
+itself, with the `config.json` beside it for the architecture (so `exp/my_finetuned.safetensors` loads that file,
+not `exp/encoders.safetensors`); `backbone.safetensors` (timm's names, no projection) and `config.json` alone are
+refused; anything else is read as a pretraining checkpoint. Every tensor of the model must come from the file:
+a file whose tensor names or shapes do not fit the architecture it declares is refused rather than half loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from jointssl.checkpointing import CheckpointNotFoundError, CheckpointReadError, read_checkpoint
+from jointssl.errors import UserError
 from jointssl.models import AggregatorConfig, SliceAggregator, SliceEncoder, VolumeEncoder
 
 log = logging.getLogger("jointssl.downstream")
@@ -25,11 +34,13 @@ EXPORT_FORMAT = "jointssl-encoders"
 EXPORT_VERSION = 1
 EXPORT_WEIGHTS = "encoders.safetensors"
 EXPORT_CONFIG = "config.json"
+#: The timm backbone alone, under timm's names (jointssl.downstream.export): not loadable as f_intra.
+BACKBONE_WEIGHTS = "backbone.safetensors"
 #: Architecture keys of the pretraining hyper-parameters that define f_intra (f_inter's: AggregatorConfig).
 ENCODER_KEYS = ("backbone", "d_model")
 
 
-class PretrainedLoadError(ValueError):
+class PretrainedLoadError(UserError, ValueError):
     """A pretrained file that is missing, of the wrong kind, or unsafe to load."""
 
 
@@ -65,14 +76,23 @@ class PretrainedWeights:
 
 def load_reported(model: torch.nn.Module, state: dict[str, Tensor], what: str) -> None:
     """Load `state` into `model`, log missing and unexpected keys, and refuse a load that matched nothing."""
-    result = model.load_state_dict(state, strict=False)
-    loaded = len(state) - len(result.unexpected_keys)
-    log.info(
-        "%s: %d tensors loaded; missing %s; unexpected %s",
-        what, loaded, result.missing_keys or "none", result.unexpected_keys or "none",
-    )
-    if loaded == 0:
+    expected = model.state_dict()
+    matching = [key for key in state if key in expected]
+    if not matching:
         raise PretrainedLoadError(f"{what}: no tensor matches the model (wrong checkpoint for this architecture?)")
+    # A file that fits only in part would leave some layers at their random initialisation, silently.
+    missing = [key for key in expected if key not in state]
+    reshaped = [key for key in matching if tuple(state[key].shape) != tuple(expected[key].shape)]
+    if missing or reshaped:
+        examples = ", ".join((missing + reshaped)[:3])
+        raise PretrainedLoadError(
+            f"{what}: the file does not fit the architecture it declares: {len(missing)} of the model's "
+            f"{len(expected)} tensors missing, {len(reshaped)} of another shape (e.g. {examples})"
+        )
+    result = model.load_state_dict(state, strict=False)
+    log.info(
+        "%s: %d tensors loaded; unexpected %s", what, len(matching), result.unexpected_keys or "none",
+    )
 
 
 def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -82,19 +102,26 @@ def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tenso
 
 
 def load_pretrained(path: str | Path) -> PretrainedWeights:
-    """Read a pretraining checkpoint or an export folder/file. Raises PretrainedLoadError for anything else."""
+    """Read a pretraining checkpoint, an export folder or a ``.safetensors`` file of one (module docstring).
+    Raises PretrainedLoadError for anything else."""
     path = Path(path)
     if not path.exists():
         raise PretrainedLoadError(f"{path}: pretrained weights not found")
-    if path.is_dir() or path.suffix == ".safetensors":
-        return _load_export(path if path.is_dir() else path.parent)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    if path.is_dir():
+        return _load_export(path / EXPORT_WEIGHTS, source=path)
+    if path.name == BACKBONE_WEIGHTS:
         raise PretrainedLoadError(
-            f"{path}: refused to load: not a tensors-only checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:300]})"
-        ) from error
+            f"{path}: holds the timm backbone alone (timm's names, without f_intra's projection and f_inter), for "
+            f"timm; give the export folder {path.parent} or its {EXPORT_WEIGHTS}"
+        )
+    if path.suffix == ".safetensors":
+        return _load_export(path, source=path)
+    if path.suffix == ".json":
+        raise PretrainedLoadError(f"{path}: a config holds no weights; give the export folder {path.parent}")
+    try:
+        checkpoint = read_checkpoint(path)
+    except (CheckpointReadError, CheckpointNotFoundError) as error:
+        raise PretrainedLoadError(f"refused to load pretrained weights: {error}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "jointssl_format_version" not in checkpoint:
         raise PretrainedLoadError(f"{path}: not a jointssl pretraining checkpoint (no state_dict / format version)")
     hparams = checkpoint.get("hyper_parameters", {})
@@ -113,18 +140,45 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     return PretrainedWeights(architecture, encoder, aggregator, source=str(path))
 
 
-def _load_export(folder: Path) -> PretrainedWeights:
-    config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
+def _load_export(weights_path: Path, source: Path) -> PretrainedWeights:
+    """The tensors of ``weights_path`` with the architecture of the ``config.json`` beside it; ``source`` (the
+    folder, or the file the user named) is what messages and records call it."""
+    folder = weights_path.parent
+    config_path = folder / EXPORT_CONFIG
     if not config_path.exists() or not weights_path.exists():
-        raise PretrainedLoadError(f"{folder}: an export folder needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != EXPORT_FORMAT or config.get("version") != EXPORT_VERSION:
         raise PretrainedLoadError(
-            f"{config_path}: format {config.get('format')!r} v{config.get('version')!r}, expected "
-            f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}"
+            f"{source}: an export needs {EXPORT_CONFIG} beside its weights ({weights_path.name}); "
+            f"`jointssl export` writes both"
         )
-    encoder, aggregator = _split(load_file(str(weights_path)))
-    architecture = dict(config["architecture"])
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PretrainedLoadError(
+            f"{config_path}: not a readable export config (truncated or corrupt: {error}); export again"
+        ) from error
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or config.get("version") != EXPORT_VERSION:
+        found = config if not isinstance(config, dict) else config.get("format")
+        version = config.get("version") if isinstance(config, dict) else None
+        raise PretrainedLoadError(
+            f"{config_path}: format {found!r} v{version!r}, expected {EXPORT_FORMAT!r} v{EXPORT_VERSION}"
+        )
+    architecture = config.get("architecture")
+    if not isinstance(architecture, dict) or any(key not in architecture for key in ENCODER_KEYS):
+        raise PretrainedLoadError(f"{config_path}: no architecture ({', '.join(ENCODER_KEYS)}); export again")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # noqa: BLE001 - safetensors reports bad bytes as SafetensorError, OSError, ...
+        raise PretrainedLoadError(
+            f"{weights_path}: not a readable safetensors file (truncated or corrupt: {str(error)[:200]}); export "
+            "again"
+        ) from error
+    encoder, aggregator = _split(tensors)
+    if not encoder:
+        names = ", ".join(sorted(tensors)[:3]) or "none"
+        raise PretrainedLoadError(
+            f"{weights_path}: holds no encoder.* tensors (tensor names: {names}): not jointssl encoder weights"
+        )
+    architecture = dict(architecture)
     # An export written before a setting existed was made with the value that setting's absence implies.
     architecture["aggregator"] = AggregatorConfig.from_dict(architecture.get("aggregator", {})).asdict()
-    return PretrainedWeights(architecture, encoder, aggregator, source=str(folder))
+    return PretrainedWeights(architecture, encoder, aggregator, source=str(source))

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from jointssl.checkpointing import write_atomic
 from jointssl.downstream.pretrained import EXPORT_WEIGHTS, PretrainedWeights, load_pretrained
+from jointssl.errors import UserError
 from jointssl.evaluation.inputs import images_with_labels, preprocess_image, preprocess_volume, volumes_with_labels
 from jointssl.models import SliceEncoder, VolumeEncoder
 
@@ -59,7 +60,7 @@ VOLUME_FEATURES = ("volume", "slice_mean")
 Kind = Literal["images", "volumes"]
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError, ValueError):
     """Embedding cannot start or finish: bad options, no input, an existing output folder, ..."""
 
 
