@@ -28,6 +28,7 @@ from jointssl.data.validation import FileCheck, ValidationCache, apply_bad_file_
 from jointssl.data.volume_datasets import CachedVolumes, SliceDataset, VolumeDataset, collate_volumes
 from jointssl.data.volume_io import VolumeRecord
 from jointssl.data.volume_transforms import VolumeViews
+from jointssl.errors import ConfigError, require
 
 logger = logging.getLogger("jointssl.data")
 
@@ -176,6 +177,15 @@ class JointDataModule(pl.LightningDataModule):
             volume_in_plane_size=volume_in_plane_size,
             slice_stride=slice_stride,
             volume_cache=volume_cache,
+            global_crop_size=global_crop_size,
+            num_global_crops=num_global_crops,
+            local_crop_size=local_crop_size,
+            num_local_crops=num_local_crops,
+            global_crop_scale=global_crop_scale,
+            local_crop_scale=local_crop_scale,
+            num_slices=num_slices,
+            volume_size=volume_size,
+            validation_threads=validation_threads,
         )
         self.images = list(images)
         self.volumes = list(volumes)
@@ -212,6 +222,16 @@ class JointDataModule(pl.LightningDataModule):
         )
         # Seeded per rank in setup; a fixed seed here so that construction does not consume torch's global RNG.
         self.volume_views = VolumeViews(num_slices=num_slices, size=volume_size, seed=0)
+        if (
+            slice_stream and volume_in_plane_size is not None and global_crop_size > volume_in_plane_size
+            and (self.volumes or (synthetic is not None and synthetic.num_volumes > 0))
+        ):
+            # Known before any file is decoded: every slice of the slice stream is volume_in_plane_size wide.
+            logger.warning(
+                "global_crop_size %d is above volume_in_plane_size %d: the global crops of every volume slice are "
+                "upsampled (at least %.1fx); lower global_crop_size or raise volume_in_plane_size",
+                global_crop_size, volume_in_plane_size, global_crop_size / volume_in_plane_size,
+            )
         # Built by setup("fit"):
         self.image_dataset: ImageDataset | None = None  # the 2D image files
         self.slice_dataset: MultiCropDataset | None = None  # multi-crop slices of the volumes
@@ -245,7 +265,7 @@ class JointDataModule(pl.LightningDataModule):
             generate_synthetic_data(self.synthetic)
         image_sources, volume_sources = self.image_sources, self.volume_sources
         if not image_sources and not volume_sources:
-            raise ValueError(
+            raise ConfigError(
                 "no data sources configured: set `images` (2D image folders or CSV manifests), `volumes` "
                 "(3D volume folders, CSV manifests or files) or `synthetic`"
             )
@@ -278,6 +298,7 @@ class JointDataModule(pl.LightningDataModule):
         # One policy over both kinds: with on_bad_file "error" one DataValidationError lists every bad file.
         usable = apply_bad_file_policy(image_checks + volume_checks, self.on_bad_file)
         image_records = [image_records[position] for position in usable if position < len(image_checks)]
+        self._warn_small_images([image_checks[position] for position in usable if position < len(image_checks)])
         good = [position - len(image_checks) for position in usable if position >= len(image_checks)]
         if image_sources and not image_records:
             raise ValueError(f"no usable 2D images found in {image_sources}")
@@ -463,13 +484,13 @@ class JointDataModule(pl.LightningDataModule):
         world = self._world_size()
         n_2d = n_images + n_slices
         if training and n_2d and n_2d < self.batch_size * world:
-            raise ValueError(
+            raise ConfigError(
                 f"only {n_2d} usable 2D samples ({n_images} images + {n_slices} volume slices), fewer than "
                 f"batch_size x world_size = {self.batch_size} x {world}: with drop_last no complete batch "
                 "exists; lower batch_size or add data"
             )
         if training and n_volumes and n_volumes < self.volume_batch_size * world:
-            raise ValueError(
+            raise ConfigError(
                 f"only {n_volumes} usable volumes, fewer than volume_batch_size x world_size = "
                 f"{self.volume_batch_size} x {world}: with drop_last no complete volume batch exists; lower "
                 "volume_batch_size or add volumes"
@@ -498,6 +519,20 @@ class JointDataModule(pl.LightningDataModule):
             "slices": range(n_images, n_2d),
             "volumes": range(n_2d, n_2d + n_volumes),
         }
+
+    def _warn_small_images(self, checks: list[FileCheck]) -> None:
+        """One warning for the usable 2D images smaller than ``global_crop_size`` (whose crops are upsampled
+        blurs), in the words of ``jointssl check-data``'s finding for each (:func:`small_image_note`), which
+        lists them all."""
+        crop = self.transform.global_crop_size
+        small = [(check.path, note) for check in checks if (note := small_image_note(check.shape, crop))]
+        if not small or self._rank() != 0:
+            return
+        path, note = small[0]
+        logger.warning(
+            "%d of %d 2D images are smaller than global_crop_size %d (jointssl check-data lists them), e.g. %s: "
+            "%s; lower global_crop_size", len(small), len(checks), crop, path, note,
+        )
 
     def _apply_loader_states(self) -> None:
         if not self._pending_loader_states or not self._train_loaders:
@@ -617,6 +652,18 @@ class JointDataModule(pl.LightningDataModule):
         return checks
 
 
+def small_image_note(shape: tuple[int, ...] | None, global_crop_size: int) -> str | None:
+    """Why an image of ``shape`` (H, W) trains poorly at ``global_crop_size``, or None: smaller than the crop,
+    every crop of it is an upsampled blur. The one wording of fit's warning and check-data's finding."""
+    if shape is None or len(shape) < 2 or min(shape[:2]) >= global_crop_size:
+        return None
+    height, width = shape[:2]
+    return (
+        f"image is {height}x{width} pixels, smaller than global_crop_size {global_crop_size}: its crops are "
+        f"upsampled (at least {global_crop_size / min(height, width):.1f}x)"
+    )
+
+
 def _check_configuration(
     *,
     batch_size: int,
@@ -630,27 +677,41 @@ def _check_configuration(
     volume_in_plane_size: int | None,
     slice_stride: int,
     volume_cache: str,
+    global_crop_size: int,
+    num_global_crops: int,
+    local_crop_size: int,
+    num_local_crops: int,
+    global_crop_scale: tuple[float, float],
+    local_crop_scale: tuple[float, float],
+    num_slices: int,
+    volume_size: int,
+    validation_threads: int,
 ) -> None:
-    """Reject invalid settings when the config is parsed rather than after minutes of validation."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if volume_batch_size < 1:
-        raise ValueError(f"volume_batch_size must be >= 1, got {volume_batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if on_bad_file not in ("error", "skip"):
-        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
-    if volume_modality not in ("auto", "ct", "mr"):
-        raise ValueError(f"volume_modality must be 'auto', 'ct' or 'mr', got {volume_modality!r}")
-    if slice_axis not in ("axial", "coronal", "sagittal"):
-        raise ValueError(f"slice_axis must be 'axial', 'coronal' or 'sagittal', got {slice_axis!r}")
-    if len(hu_window) != 2 or not hu_window[0] < hu_window[1]:
-        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
-    if len(mr_percentiles) != 2 or not 0 <= mr_percentiles[0] < mr_percentiles[1] <= 100:
-        raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, got {mr_percentiles}")
-    if volume_in_plane_size is not None and volume_in_plane_size < 1:
-        raise ValueError(f"volume_in_plane_size must be positive or None, got {volume_in_plane_size}")
-    if slice_stride < 1:
-        raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
-    if volume_cache not in ("auto", "none", "memory", "disk"):
-        raise ValueError(f"volume_cache must be 'auto', 'none', 'memory' or 'disk', got {volume_cache!r}")
+    """Reject invalid settings when the config is parsed, before any file is decoded, naming the option
+    (:class:`~jointssl.errors.ConfigError`: a user error, reported by the command line as one line)."""
+    owner = "JointDataModule"
+    for name, value in (("batch_size", batch_size), ("volume_batch_size", volume_batch_size),
+                        ("global_crop_size", global_crop_size), ("local_crop_size", local_crop_size),
+                        ("num_slices", num_slices), ("volume_size", volume_size), ("slice_stride", slice_stride),
+                        ("validation_threads", validation_threads)):
+        require(value >= 1, owner, name, ">= 1", value)
+    require(num_workers >= 0, owner, "num_workers", ">= 0", num_workers)
+    require(num_local_crops >= 0, owner, "num_local_crops", ">= 0", num_local_crops)
+    # Both objectives of JointSSL predict one global crop's assignment from the other's (swapped prediction):
+    # with one crop, training would fail at its first step, after every file was decoded.
+    require(num_global_crops >= 2, owner, "num_global_crops", ">= 2 (the 2D objectives compare two global crops)",
+            num_global_crops)
+    for name, (low, high) in (("global_crop_scale", global_crop_scale), ("local_crop_scale", local_crop_scale)):
+        require(0.0 < low <= high <= 1.0, owner, name, "(low, high) with 0 < low <= high <= 1", (low, high))
+    require(on_bad_file in ("error", "skip"), owner, "on_bad_file", "'error' or 'skip'", on_bad_file)
+    require(volume_modality in ("auto", "ct", "mr"), owner, "volume_modality", "'auto', 'ct' or 'mr'", volume_modality)
+    require(slice_axis in ("axial", "coronal", "sagittal"), owner, "slice_axis", "'axial', 'coronal' or 'sagittal'",
+            slice_axis)
+    require(len(hu_window) == 2 and hu_window[0] < hu_window[1], owner, "hu_window", "(low, high) with low < high",
+            hu_window)
+    require(len(mr_percentiles) == 2 and 0 <= mr_percentiles[0] < mr_percentiles[1] <= 100, owner, "mr_percentiles",
+            "(low, high) with 0 <= low < high <= 100", mr_percentiles)
+    require(volume_in_plane_size is None or volume_in_plane_size >= 1, owner, "volume_in_plane_size",
+            ">= 1 or null", volume_in_plane_size)
+    require(volume_cache in ("auto", "none", "memory", "disk"), owner, "volume_cache",
+            "'auto', 'none', 'memory' or 'disk'", volume_cache)
