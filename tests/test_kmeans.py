@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from jointssl.losses import KMeansResult, spherical_kmeans
+from jointssl.losses import kmeans
 from jointssl.losses.kmeans import _NearestCentroids
 
 
@@ -101,17 +106,94 @@ def test_assignment_is_the_argmax_for_any_number_of_clusters(num_clusters):
     assert torch.equal(result.assignments, (points @ centroids.t()).argmax(dim=1))
 
 
-def test_grouped_argmax_equals_plain_argmax_path():
-    """The CPU grouped argmax and the plain torch.argmax used on other devices give the same assignments."""
+@pytest.mark.parametrize("num_clusters", [37, 300])
+def test_grouped_argmax_equals_plain_argmax_path(num_clusters, monkeypatch):
+    """The CPU grouped argmax (K >= 256 by default) and the plain torch.argmax give the same assignments."""
     generator = torch.Generator().manual_seed(11)
     points = F.normalize(torch.randn(300, 16, generator=generator), dim=1)
-    centroids = F.normalize(torch.randn(37, 16, generator=generator), dim=1)
+    centroids = F.normalize(torch.randn(num_clusters, 16, generator=generator), dim=1)
     grouped, plain = torch.empty(300, dtype=torch.long), torch.empty(300, dtype=torch.long)
-    _NearestCentroids(300, 37, 64, like=points)(points, centroids, out=grouped)
-    search = _NearestCentroids(300, 37, 64, like=points)
-    search.use_groups = False
+    monkeypatch.setattr(kmeans, "_MIN_CLUSTERS_FOR_GROUPS", 1)
+    search = _NearestCentroids(300, num_clusters, 64, like=points)
+    assert search.use_groups
+    search(points, centroids, out=grouped)
+    monkeypatch.setattr(kmeans, "_MIN_CLUSTERS_FOR_GROUPS", 10**9)
+    search = _NearestCentroids(300, num_clusters, 64, like=points)
+    assert not search.use_groups
     search(points, centroids, out=plain)
     assert torch.equal(grouped, plain)
+
+
+def test_default_argmax_path_follows_the_number_of_clusters():
+    cpu = torch.device("cpu")
+    assert not kmeans._uses_grouped_argmax(30, cpu) and kmeans._uses_grouped_argmax(3000, cpu)
+    assert not kmeans._uses_grouped_argmax(3000, torch.device("meta"))
+
+
+@pytest.mark.parametrize("num_clusters", [30, 3000])
+def test_chunk_rows_fit_the_memory_budget(num_clusters):
+    cpu = torch.device("cpu")
+    per_row = kmeans.scratch_bytes_per_row(num_clusters, cpu)
+    assert per_row >= 4 * num_clusters
+    for budget in (per_row, 10 * per_row + 3, 1 << 20, kmeans.DEFAULT_MEMORY_BUDGET_BYTES):
+        rows = kmeans.chunk_rows(num_clusters, cpu, budget)
+        assert 1 <= rows and rows * per_row <= budget
+    # The budget caps an explicit chunk_size too; below it the default (cache-sized) chunk is kept.
+    assert kmeans.chunk_rows(num_clusters, cpu, 5 * per_row, chunk_size=100) == 5
+    assert kmeans.chunk_rows(num_clusters, cpu, 1 << 40) == kmeans._default_chunk_size(num_clusters, cpu)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        kmeans.chunk_rows(num_clusters, cpu, per_row - 1)
+
+
+def test_buffers_of_a_large_run_stay_within_the_budget_and_results_do_not_change(monkeypatch):
+    """Every score/argmax buffer made during a run fits the budget, and a tiny budget gives the same result."""
+    generator = torch.Generator().manual_seed(12)
+    points = torch.randn(50_000, 8, generator=generator)
+    budget = 64 << 10  # 64 KiB: 40 rows at K = 300 (an N x K float matrix would be 60 MB)
+    made = []
+    original_init = _NearestCentroids.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(sum(t.numel() * t.element_size() for t in (self.scores, self.group_max, self.column,
+                                                                 self.candidates)))
+
+    monkeypatch.setattr(_NearestCentroids, "__init__", recording_init)
+    small = spherical_kmeans(points, 300, iterations=2, seed=0, memory_budget_bytes=budget)
+    assert made and max(made) <= budget
+    default = spherical_kmeans(points, 300, iterations=2, seed=0)
+    assert made[-1] > budget
+    torch.testing.assert_close(small.centroids, default.centroids)
+    assert torch.equal(small.assignments, default.assignments)
+
+
+PEAK_SCRIPT = """
+import ctypes, sys, torch
+from jointssl.losses import spherical_kmeans
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: freed blocks leave the resident set
+torch.set_num_threads(1)
+points = torch.nn.functional.normalize(torch.randn(300_000, 16), dim=1)
+spherical_kmeans(points[:1000], 1000, iterations=1, seed=0)  # first-use allocations of torch itself
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current resident set
+base = status("VmRSS:")
+# chunk_size asks for all rows at once: only the budget bounds the scores.
+spherical_kmeans(points, 1000, iterations=1, seed=0, chunk_size=300_000, memory_budget_bytes=int(sys.argv[1]))
+print(status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_memory_of_a_large_run_stays_within_the_budget():
+    """Measured: the resident-set peak of k-means over 300k rows at K = 1000 (an N x K float matrix is 1.2 GB)
+    stays within the points' copy, the assignments, [K, D] sums and the budget, plus slack for the allocator."""
+    budget = 8 << 20
+    peak = int(subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(budget)], capture_output=True, text=True,
+                              check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()[-1])
+    inputs = 300_000 * 16 * 4 + 300_000 * 8 * 2  # float32 copy, assignments and the bincount's input
+    assert peak <= inputs + budget + (16 << 20), peak
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -24,6 +24,13 @@ _ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 # Column groups of the CPU argmax in _NearestCentroids._grouped_argmax (at K=3000, 16 took less time than 4, 8
 # or 32 in the setting of benchmarks/bench_kmeans.py).
 _ARGMAX_GROUPS = 16
+# Below this K the plain torch.argmax is used on CPU too: at K = 30 and 100 its scalar loop over a short row
+# cost less than the grouped argmax's four ops (measured 80 vs 145 ms and 80 vs 170 ms per 200k rows, one
+# thread); from about K = 300 on the grouped one is as fast or faster.
+_MIN_CLUSTERS_FOR_GROUPS = 256
+# Default bound on the scratch memory of the assignment step (the [chunk, K] scores and the argmax buffers):
+# the chunk never holds more rows than fit in it, so no N x K matrix is made whatever N is.
+DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
 
 
 class KMeansResult(NamedTuple):
@@ -42,6 +49,7 @@ def spherical_kmeans(
     init_centroids: Tensor | None = None,
     chunk_size: int | None = None,
     keys: Tensor | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> KMeansResult:
     """Spherical k-means (cosine similarity) over the embeddings of all ranks.
 
@@ -58,7 +66,10 @@ def spherical_kmeans(
             without, by position in the rank-ordered concatenation.
         init_centroids: [K, D] starting centroids (same on every rank) instead of the seeded choice.
         chunk_size: rows scored against the centroids at once (bounds the [chunk, K] score matrix); by default
-            chosen from K and the device.
+            chosen from K and the device (a cache-sized block on CPU). Capped by memory_budget_bytes.
+        memory_budget_bytes: most bytes the assignment step's scratch buffers may take (scores and argmax
+            buffers: about 4 * K bytes per chunk row); the chunk holds at most as many rows as fit. Beyond it
+            k-means holds a float32 copy of the embeddings, the [N_local] assignments and [K, D] sums.
 
     Returns:
         KMeansResult. A cluster that receives no row keeps its previous centroid.
@@ -83,7 +94,7 @@ def spherical_kmeans(
 
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        rows_per_chunk = chunk_size or _default_chunk_size(num_clusters, points.device)
+        rows_per_chunk = chunk_rows(num_clusters, points.device, memory_budget_bytes, chunk_size)
         nearest_centroids = _NearestCentroids(points.shape[0], num_clusters, rows_per_chunk, like=points)
         assignments = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
 
@@ -106,6 +117,32 @@ def _keyed_hash(keys: Tensor, seed: int) -> Tensor:
 def _default_chunk_size(num_clusters: int, device: torch.device) -> int:
     elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
     return max(1, elements // num_clusters)
+
+
+def _uses_grouped_argmax(num_clusters: int, device: torch.device) -> bool:
+    return device.type == "cpu" and num_clusters >= _MIN_CLUSTERS_FOR_GROUPS
+
+
+def scratch_bytes_per_row(num_clusters: int, device: torch.device) -> int:
+    """Bytes of _NearestCentroids' buffers per chunk row: the padded float32 scores, and with the grouped
+    argmax its group maxima, column index and candidates."""
+    if not _uses_grouped_argmax(num_clusters, device):
+        return 4 * num_clusters
+    width = -(-num_clusters // _ARGMAX_GROUPS)
+    return 4 * _ARGMAX_GROUPS * width + 4 * width + 8 + 4 * _ARGMAX_GROUPS
+
+
+def chunk_rows(
+    num_clusters: int, device: torch.device, memory_budget_bytes: int, chunk_size: int | None = None
+) -> int:
+    """Rows per chunk: chunk_size or the device default, capped so that the scratch fits the budget."""
+    per_row = scratch_bytes_per_row(num_clusters, device)
+    if memory_budget_bytes < per_row:
+        raise ValueError(
+            f"memory_budget_bytes={memory_budget_bytes} is below one row of scores at K={num_clusters} "
+            f"({per_row} bytes)"
+        )
+    return min(chunk_size or _default_chunk_size(num_clusters, device), memory_budget_bytes // per_row)
 
 
 def _seeded_initial_centroids(points: Tensor, num_clusters: int, seed: int, keys: Tensor | None = None) -> Tensor:
@@ -155,9 +192,9 @@ class _NearestCentroids:
         self.rows_per_chunk = rows_per_chunk
         buffer_rows = min(rows_per_chunk, num_rows)
         # On CPU a row-wise argmax over K columns is a scalar loop (measured: a quarter of the matmul's time at
-        # K=3000), while a maximum over column groups is vectorised: see _grouped_argmax. Elsewhere
-        # torch.argmax is a fast reduction.
-        self.use_groups = like.device.type == "cpu"
+        # K=3000), while a maximum over column groups is vectorised: see _grouped_argmax. Elsewhere, and on
+        # CPU for small K, torch.argmax is the cheaper one.
+        self.use_groups = _uses_grouped_argmax(num_clusters, like.device)
         groups = _ARGMAX_GROUPS if self.use_groups else 1
         # K padded to a multiple of the number of groups; the padding columns hold -inf and are never written.
         group_width = -(-num_clusters // groups)
