@@ -15,8 +15,8 @@ Two measurements, printed side by side as ratios:
    ``--profiler-check`` adds, per configuration, the peak of live tensor bytes of one more step replayed from
    ``torch.profiler(profile_memory=True)`` allocation events: an independent cross-check (slow).
 2. **Time.** In this process, on one model and one batch, interleaved round-robin step by step (the order
-   rotated every round): the joint step (all three losses) without chunking; f_intra alone (``JointSSL.encode``)
-   on exactly the tensors the joint step sends through it (the 2D crops and the real slices of both views,
+   rotated every round): the joint step (all three losses) without chunking; f_intra alone
+   (``JointSSL.volume_encoder.encode``) on exactly the tensors the joint step sends through it (the 2D crops and the real slices of both views,
    grouped per resolution the same way) with the trivial loss sum(outputs); the joint step with checkpointing at
    each ``--chunk-sizes``; and the joint step chunked without checkpointing at each ``--plain-chunk-sizes`` (which
    separates the recomputation cost from the effect of smaller batches). Median and minimum over the measured
@@ -134,8 +134,9 @@ def encoder_inputs(batch: dict[str, Any]) -> list[Tensor]:
 
 def configure(model: JointSSL, chunk_size: int, checkpoint: bool = True) -> None:
     """No chunking (0), or chunks of `chunk_size` slices, with activation checkpointing unless told not to."""
-    model.hparams.slice_chunk_size = chunk_size
-    model.hparams.checkpoint_slices = checkpoint and chunk_size > 0
+    # The VolumeEncoder reads its own copies of the settings (set from the hyper-parameters at construction).
+    model.hparams.slice_chunk_size = model.volume_encoder.slice_chunk_size = chunk_size
+    model.hparams.checkpoint_slices = model.volume_encoder.checkpoint_slices = checkpoint and chunk_size > 0
 
 
 def joint_step(model: JointSSL, batch: dict[str, Any]) -> None:
@@ -147,7 +148,7 @@ def joint_step(model: JointSSL, batch: dict[str, Any]) -> None:
 
 def encoder_step(model: JointSSL, inputs: list[Tensor]) -> None:
     """f_intra alone on the same tensors, one batched pass per resolution, trivial loss."""
-    torch.stack([features.sum() for features in model.encode(inputs)]).sum().backward()
+    torch.stack([features.sum() for features in model.volume_encoder.encode(inputs)]).sum().backward()
 
 
 # ---------------------------------------------------------------------- memory (one configuration per process)
@@ -169,6 +170,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def measure_peak(step: Callable[[], None]) -> dict[str, Any]:
+    """Run `step` once with the resident-set high-water mark reset just before: its start and peak (KiB)."""
+    gc.collect()
+    resettable = reset_peak_rss()
+    start_kib = read_status_kib("VmRSS")
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"start_kib": start_kib, "peak_kib": read_status_kib("VmHWM"), "resettable": resettable,
+            "wall_s": wall, "cpu_s": cpu}
+
+
 def memory_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -181,14 +194,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     steps = []
     for _ in range(args.memory_steps):
         model.zero_grad(set_to_none=True)
-        gc.collect()
-        resettable = reset_peak_rss()
-        start_kib = read_status_kib("VmRSS")
-        wall, cpu = time.perf_counter(), time.process_time()
-        joint_step(model, batch)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        steps.append({"start_kib": start_kib, "peak_kib": read_status_kib("VmHWM"), "resettable": resettable,
-                      "wall_s": wall, "cpu_s": cpu})
+        steps.append(measure_peak(lambda: joint_step(model, batch)))
     result = {
         "chunk_size": chunk_size,
         "profiler_peak_bytes": profiler_peak_bytes(model, batch) if args.profiler_check else None,
@@ -222,17 +228,23 @@ def profiler_peak_bytes(model: JointSSL, batch: dict[str, Any]) -> int:
     return peak
 
 
-def run_memory_configuration(args: argparse.Namespace, chunk_size: int) -> dict[str, Any]:
-    argv = [sys.executable, os.path.abspath(__file__), *forwarded_args(args), "--memory-worker", str(chunk_size)]
+def run_worker(argv: list[str], what: str) -> dict[str, Any]:
+    """Run a Python worker (`argv` after the interpreter) in a fresh process with MALLOC_ENV; the JSON of its
+    last 'RESULT ' line."""
     env = {**os.environ, **MALLOC_ENV}
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(
-            f"memory worker (chunk {chunk_size}) failed with exit code {proc.returncode} "
+            f"memory worker ({what}) failed with exit code {proc.returncode} "
             f"(-9: killed, likely out of memory):\n{proc.stderr[-3000:]}"
         )
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_memory_configuration(args: argparse.Namespace, chunk_size: int) -> dict[str, Any]:
+    argv = [os.path.abspath(__file__), *forwarded_args(args), "--memory-worker", str(chunk_size)]
+    return run_worker(argv, f"chunk {chunk_size}")
 
 
 def forwarded_args(args: argparse.Namespace) -> list[str]:
