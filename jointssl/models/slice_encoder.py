@@ -9,7 +9,8 @@ ones in the concatenation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -26,6 +27,17 @@ class SliceEncoder(nn.Module):
 
     ``pretrained=True`` makes timm download ImageNet weights; that needs internet access and is the user's
     responsibility (with ``in_chans=1`` timm sums the first convolution over its RGB input channels).
+
+    GPU options (both off by default; neither changes the parameters, their names or the results beyond
+    floating-point rounding, so checkpoints and exports load into an encoder built with or without them):
+
+    - ``channels_last``: the backbone's 4-D weights and every input image are stored NHWC, the layout tensor-core
+      convolutions (cuDNN under bf16/fp16) run in without transposing each layer's input and output.
+    - ``compile_backbone``: the backbone's forward (the CNN only; pooling and projection stay eager) is compiled
+      in place with ``nn.Module.compile``, which keeps the module, its parameters and its state_dict keys as they
+      are, where ``torch.compile(module)`` would wrap it and prefix every key with ``_orig_mod.``. The first call
+      per input shape compiles (seconds to minutes); ``compile_options`` are ``torch.compile``'s keyword
+      arguments (e.g. ``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``), default inductor.
     """
 
     def __init__(
@@ -35,6 +47,9 @@ class SliceEncoder(nn.Module):
         in_chans: int = 1,
         pretrained: bool = False,
         drop_path_rate: float = 0.0,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Only pass drop_path_rate when used: not every timm architecture accepts the keyword.
@@ -56,10 +71,34 @@ class SliceEncoder(nn.Module):
         self.in_chans = in_chans
         self.backbone_name = backbone
         self.proj = nn.Linear(sum(self.feature_dims), d_model)
+        self.channels_last = channels_last
+        if channels_last:
+            # Module.to converts only the 4-D parameters and buffers; later .to(device) and load_state_dict
+            # (copy_ into the existing tensors) keep the layout.
+            self.backbone.to(memory_format=torch.channels_last)
+        self.compiled = False
+        if compile_backbone:
+            self.enable_compile(**(compile_options or {}))
+
+    def enable_compile(self, **options: Any) -> None:
+        """Compile the backbone's forward in place (``nn.Module.compile``; see the class docstring); ``options``:
+        ``torch.compile``'s keyword arguments. Done lazily: the first call per graph compiles."""
+        # dynamic=True: one graph for every batch size and resolution. With torch's default (a static graph for
+        # the first shape, a dynamic one from the second), the recomputation of a checkpointed chunk
+        # (forward_chunked) can pick another graph than its forward did and fail ("A different number of tensors
+        # was saved during the original forward and recomputation", pytorch issue 166926; seen here with inductor
+        # and chunks of 3, 3, 2 images). Chunk sizes and real-slice counts vary from batch to batch anyway.
+        self.backbone.compile(**{"dynamic": True, **options})
+        self.compiled = True
+
+    def _backbone_features(self, x: Tensor) -> list[Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def multiscale_features(self, x: Tensor) -> Tensor:
         """Concatenated per-stage pooled and L2-normalised features of images, ``[B, sum(feature_dims)]``."""
-        return self.pool_feature_maps(self.backbone(x))
+        return self.pool_feature_maps(self._backbone_features(x))
 
     def pool_feature_maps(self, feature_maps: Sequence[Tensor]) -> Tensor:
         """Concatenated per-stage pooled and L2-normalised features, ``[B, sum(feature_dims)]``, of the backbone's
@@ -84,7 +123,7 @@ class SliceEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Embed a batch of images ``[B, in_chans, H, W]`` into ``[B, d_model]``."""
-        return self.embed_features(self.backbone(x))
+        return self.embed_features(self._backbone_features(x))
 
     def forward_chunked(self, x: Tensor, chunk_size: int, checkpoint: bool = False) -> Tensor:
         """``forward`` over chunks of at most ``chunk_size`` images (e.g. the slices of 64-slice volumes).

@@ -118,11 +118,23 @@ class VolumeEncoder(nn.Module):
 
     @classmethod
     def build(
-        cls, backbone: str, d_model: int, aggregator: AggregatorConfig | None, **kwargs: Any
+        cls,
+        backbone: str,
+        d_model: int,
+        aggregator: AggregatorConfig | None,
+        channels_last: bool = False,
+        compile_encoder: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> VolumeEncoder:
         """Randomly initialised (no download): f_intra from timm's ``backbone`` with 1 input channel, and f_inter
-        of ``aggregator``'s architecture (None: no f_inter). ``kwargs``: the chunking arguments."""
-        encoder = SliceEncoder(backbone=backbone, d_model=d_model, in_chans=1)
+        of ``aggregator``'s architecture (None: no f_inter). ``channels_last``, ``compile_encoder`` (compile f_intra's
+        CNN) and ``compile_options``: SliceEncoder's GPU options (``channels_last``, ``compile_backbone``,
+        ``compile_options``); they leave the state_dict as it is. ``kwargs``: the chunking arguments."""
+        encoder = SliceEncoder(
+            backbone=backbone, d_model=d_model, in_chans=1, channels_last=channels_last,
+            compile_backbone=compile_encoder, compile_options=compile_options,
+        )
         return cls(encoder, aggregator.build(d_model) if aggregator is not None else None, **kwargs)
 
     @property
