@@ -8,7 +8,10 @@ class). The pretraining sees the *training split's* images only (no labels, no v
 1. Pretraining: `jointssl fit --config <OUT>/pretrain_cxr.yaml`, a copy of configs/demo.yaml (joint SwAV objective,
    resnet10t, d_model 128) whose 2D source is a CSV manifest of the training-split images instead of the synthetic
    data (no volumes, so only L_intra is active), for `--pretrain-steps` optimizer steps; everything else (model,
-   SwAV settings, 2 x 48 px global + 2 x 24 px local crops, batch 32, LARS lr 0.6 x 32/256) is demo.yaml's. The derived YAML is written to <OUT> and its differences from demo.yaml are printed.
+   SwAV settings, 2 x 48 px global + 2 x 24 px local crops, batch 32) is demo.yaml's, except the
+   learning rate: LARS base_lr 0.6 (`--pretrain-base-lr`; lr 0.6 x 32/256), not the demo's 4.8, which collapses
+   f_intra on these images (issue 10); and the demo's online kNN on its own images is dropped. The derived YAML is
+   written to <OUT> and its differences from demo.yaml are printed.
 2. Downstream (ImageClassifier, binary, balanced class weights, the same data module for every run), both on the
    downstream family's one recipe (AdamW, warm-up then cosine; jointssl.downstream.base): linear probe (lr 1e-3, no
    weight decay, no warm-up, as configs/downstream/cxr_linear.yaml) and fine-tuning (lr 1e-3, weight decay 0.05,
@@ -48,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--pretrain-batch-size", type=int, default=32)
+    parser.add_argument("--pretrain-base-lr", type=float, default=0.6, help="LARS base_lr per 256 images")
     parser.add_argument("--linear-epochs", type=int, default=10)
     parser.add_argument("--linear-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-epochs", type=int, default=5)
@@ -89,6 +93,11 @@ def pretrain_config(args: argparse.Namespace, manifest: Path, out: Path) -> tupl
         "data.init_args.batch_size": args.pretrain_batch_size,
         "data.init_args.num_workers": args.num_workers,
         "seed_everything": args.seed,
+        # The benchmark's own learning rate, not the demo's: demo.yaml's base_lr went 0.6 -> 4.8 (45871dc) for the
+        # synthetic joint demo, and on these 2D-only CXR crops (64 prototypes, no queue, batch 32) lr 0.6 drives
+        # L_intra to ln 64 within ~30 steps and collapses f_intra (effective rank 15.7 -> 5.4 over 300 steps, linear
+        # probe 0.973 -> 0.834). 0.6 x 32 / 256 = 0.075 is the recipe benchmarks/README.md records (issue 10).
+        "model.init_args.base_lr": args.pretrain_base_lr,
     }
     for dotted, value in changes.items():
         node = config
@@ -96,7 +105,13 @@ def pretrain_config(args: argparse.Namespace, manifest: Path, out: Path) -> tupl
         for key in parents:
             node = node[int(key)] if key.isdigit() else node[key]
         node[leaf] = value
-    return config, [f"{k}: {json.dumps(v)}" for k, v in changes.items()]
+    # The demo's online kNN reads the demo's own labelled images (demo_data/images): nothing to do with this run.
+    config["trainer"]["callbacks"] = [
+        callback for callback in config["trainer"]["callbacks"]
+        if not callback["class_path"].endswith("OnlineKNNEvaluation")
+    ]
+    notes = [f"{k}: {json.dumps(v)}" for k, v in changes.items()]
+    return config, notes + ["trainer.callbacks: without OnlineKNNEvaluation"]
 
 
 def pretrain(args: argparse.Namespace, train_paths: list[str], out: Path) -> tuple[Path, float]:
