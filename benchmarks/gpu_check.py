@@ -124,8 +124,11 @@ def build_model(args: argparse.Namespace, channels_last: bool, device: torch.dev
     model = JointSSL(
         backbone=args.backbone, d_model=args.d_model, num_prototypes=[args.num_prototypes],
         num_prototypes_3d=[args.num_prototypes_3d], slice_chunk_size=args.slice_chunk_size,
-        checkpoint_slices=not args.no_checkpoint, channels_last=channels_last,
+        checkpoint_slices=not args.no_checkpoint,
     )
+    if channels_last:
+        # JointSSL(channels_last=True) does the same in its constructor.
+        model.encoder.enable_channels_last()
     if device.type == "cuda" and not args.no_sync_batchnorm:
         # What Lightning does for sync_batchnorm: true (before wrapping in DDP).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -177,6 +180,7 @@ class Runner:
         self.variant, self.device = variant, device
         self.model = build_model(args, options["channels_last"], device)
         if options["compile"]:
+            # JointSSL(compile_encoder=True) does the same with the default backend (inductor).
             self.model.encoder.enable_compile(backend=args.compile_backend)
         # find_unused_parameters=False, as Lightning's "ddp" strategy: a parameter left out of a step fails here too.
         self.ddp = DistributedDataParallel(_Loss(self.model), device_ids=[device.index] if device.type == "cuda" else None)

@@ -8,6 +8,7 @@ are too slow for the suite; benchmarks/gpu_check.sh runs inductor on a GPU (and 
 
 from __future__ import annotations
 
+import inspect
 import socket
 
 import lightning
@@ -23,6 +24,12 @@ from jointssl.pretrain import CHECKPOINT_FORMAT_VERSION, JointSSL
 from tests.test_joint_step import TINY, make_batch, to_float64
 
 SEED = 0
+# JointSSL's constructor arguments channels_last / compile_encoder (passed to VolumeEncoder.build) are added to
+# jointssl/pretrain.py separately (issue 15); until then the two JointSSL-level tests below cannot run.
+needs_jointssl_options = pytest.mark.skipif(
+    not {"channels_last", "compile_encoder"} <= set(inspect.signature(JointSSL.__init__).parameters),
+    reason="JointSSL has no channels_last / compile_encoder arguments yet (issue 15)",
+)
 
 
 def _encoder(**kwargs) -> SliceEncoder:
@@ -140,6 +147,7 @@ def test_joint_step_under_bf16_autocast_trains_and_matches_fp32() -> None:
     assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("aggregator.") for k in moved)
 
 
+@needs_jointssl_options
 def test_jointssl_options_are_hyperparameters_and_leave_checkpoints_as_they_are(tmp_path) -> None:
     torch.manual_seed(SEED)
     plain = JointSSL(**TINY, aggregator_dropout=0.0)
@@ -161,6 +169,7 @@ def test_jointssl_options_are_hyperparameters_and_leave_checkpoints_as_they_are(
         assert torch.equal(loaded.encoder[key], value), key
 
 
+@needs_jointssl_options
 def test_channels_last_joint_step_matches_the_plain_step() -> None:
     torch.manual_seed(SEED)
     plain = JointSSL(**TINY, aggregator_dropout=0.0)

@@ -71,14 +71,19 @@ class SliceEncoder(nn.Module):
         self.in_chans = in_chans
         self.backbone_name = backbone
         self.proj = nn.Linear(sum(self.feature_dims), d_model)
-        self.channels_last = channels_last
+        self.channels_last = False
         if channels_last:
-            # Module.to converts only the 4-D parameters and buffers; later .to(device) and load_state_dict
-            # (copy_ into the existing tensors) keep the layout.
-            self.backbone.to(memory_format=torch.channels_last)
+            self.enable_channels_last()
         self.compiled = False
         if compile_backbone:
             self.enable_compile(**(compile_options or {}))
+
+    def enable_channels_last(self) -> None:
+        """Store the backbone's 4-D weights, and from now on its inputs, NHWC (see the class docstring)."""
+        # Module.to converts only the 4-D parameters and buffers; later .to(device) and load_state_dict (copy_
+        # into the existing tensors) keep the layout.
+        self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     def enable_compile(self, **options: Any) -> None:
         """Compile the backbone's forward in place (``nn.Module.compile``; see the class docstring); ``options``:
