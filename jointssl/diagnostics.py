@@ -47,10 +47,12 @@ def effective_rank(embeddings: Tensor) -> Tensor:
     (not centred), as RankMe does.
     """
     x = embeddings.detach().float()
-    singular = torch.linalg.svdvals(x)
+    # Non-finite embeddings (a step the numerics guard skips) give NaN, not an SVD failure; decided on the device.
+    finite = torch.isfinite(x).all()
+    singular = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))
     p = singular / singular.sum().clamp(min=1e-12)
     entropy = -(p * p.clamp(min=1e-12).log()).sum()
-    return entropy.exp()
+    return torch.where(finite, entropy.exp(), torch.full_like(entropy, float("nan")))
 
 
 @torch.no_grad()

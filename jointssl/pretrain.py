@@ -364,7 +364,7 @@ class JointSSL(LightningModule):
         features = volume_encoder.encode(inputs)
         out: dict[str, Any] = {}
         diagnostic_inputs: dict[str, Any] = {}
-        intra_parts: list[tuple[Tensor, int]] = []
+        intra_parts: list[tuple[Tensor, int | Tensor]] = []
         if images is not None and hp.intra_weight > 0:
             n = len(images["crops"])
             embeddings = [self.intra.project(f) for f in features[:n]]
@@ -376,14 +376,16 @@ class JointSSL(LightningModule):
         if volumes is not None:
             slices_s, slices_t = features
             batch_size, num_slices = real.shape
+            # The collated host ints (no device sync); a hand-built batch may have only the index tensor.
+            keys = volumes.get("keys", volumes["index"])
             z_s = volume_encoder.scatter(slices_s, padding, real.shape)
             z_t = volume_encoder.scatter(slices_t, padding, real.shape)
             if hp.intra_weight > 0:
-                pick = self._pick_slices(real, hp.intra_slices_per_volume, volumes["index"])
+                pick = self._pick_slices(real, hp.intra_slices_per_volume, keys)
                 pair = self.intra.pair_loss(
                     self.intra.project(z_s[pick]), self.intra.project(z_t[pick]), self._use_queue(hp.queue_length)
                 )
-                intra_parts.append((pair.loss, int(pick.sum())))
+                intra_parts.append((pair.loss, pick.sum()))  # a tensor: no host sync
                 diagnostic_inputs.setdefault("intra", pair)
                 diagnostic_inputs.setdefault("intra_features", slices_s.detach())
             if hp.inter_weight > 0:
@@ -395,7 +397,9 @@ class JointSSL(LightningModule):
                 out["inter_assignments"] = result.assignments
                 diagnostic_inputs.update(inter=result, inter_features=torch.cat([volume_s, volume_t]).detach())
             if hp.mask_weight > 0:
-                draws = keyed_uniform(volumes["index"], num_slices, salt=self._sample_salt(_MASK_SLICES))
+                draws = keyed_uniform(
+                    keys, num_slices, salt=self._sample_salt(_MASK_SLICES), device=padding.device
+                )
                 mask = random_slice_mask(
                     padding, num_slices, batch_size, ratio=hp.mask_ratio, uniform=draws, span=hp.mask_span
                 )
@@ -418,11 +422,11 @@ class JointSSL(LightningModule):
     def _sample_salt(self, purpose: int) -> tuple[int, int, int]:
         return (self._sample_seed, self.global_step, purpose)
 
-    def _pick_slices(self, real: Tensor, per_volume: int, index: Tensor) -> Tensor:
+    def _pick_slices(self, real: Tensor, per_volume: int, keys: list[int] | Tensor) -> Tensor:
         """A random subset of at most `per_volume` real slices of each volume (bool [B, N]), drawn per volume
-        from (seed, step, volume index): the same whether a batch is split between ranks or resumed."""
-        scores = keyed_uniform(index, real.shape[1], salt=self._sample_salt(_PICK_SLICES))
-        scores = scores.to(real.device).masked_fill(~real, -1.0)
+        from (seed, step, volume index `keys`): the same whether a batch is split between ranks or resumed."""
+        scores = keyed_uniform(keys, real.shape[1], salt=self._sample_salt(_PICK_SLICES), device=real.device)
+        scores = scores.masked_fill(~real, -1.0)
         k = min(per_volume, real.shape[1])
         top = scores.topk(k, dim=1).indices
         pick = torch.zeros_like(real)
@@ -469,21 +473,41 @@ class JointSSL(LightningModule):
         self.intra.before_step()
         self.inter.before_step()
         out = self.compute_losses(batch)
-        skipped = self.numerics_guard.skip_non_finite_loss(
-            self, {name: out[name] for name in ("intra", "inter", "mask") if name in out}
-        )
-        if skipped is not None:
-            return skipped
+        # Recorded without a host sync; the guard reads it with the gradients' check before the optimizer step and
+        # skips the step (no update) if either is not finite.
+        self.numerics_guard.check_loss({name: out[name] for name in ("intra", "inter", "mask") if name in out})
         batch_size = self._batch_size(batch)
-        for name in ("intra", "inter", "mask"):
-            if name in out:
-                self.log(f"train/loss_{name}", out[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("train/loss", out["loss"], batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        if self.trainer._logger_connector.should_update_logs:
-            for name, value in self.compute_diagnostics(out).items():
-                self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
-        # The head-0 assignments go to the collapse monitor (on_train_batch_end).
+        losses = {f"train/loss_{name}": out[name] for name in ("intra", "inter", "mask") if name in out}
+        losses["train/loss"] = out["loss"]
+        logging_step = self.trainer._logger_connector.should_update_logs
+        # Logged metrics are averaged over the ranks in one all-reduce on logging steps (Lightning's sync_dist
+        # reduces each on its own, at every step); other steps need no collective and no host sync. Except with a
+        # progress bar: it shows the loss terms at every step, and Lightning reads them to the host for it anyway.
+        synced: dict[str, Tensor] = {}
+        if self.trainer.progress_bar_callback is not None:
+            for name, value in losses.items():
+                self.log(name, value, prog_bar=name != "train/loss", batch_size=batch_size, sync_dist=True)
+        elif logging_step:
+            synced.update(losses)
+        if logging_step:
+            synced.update({f"train/{name}": value for name, value in self.compute_diagnostics(out).items()})
+        self._log_rank_means(synced, batch_size)
+        return self._step_output(out)
+
+    def _log_rank_means(self, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """Log scalars averaged over the ranks, in one all-reduce (what sync_dist's mean gives, one each)."""
+        if not metrics:
+            return
+        values = torch.stack([value.detach().float().reshape(()) for value in metrics.values()])
+        if distributed.world_size() > 1:
+            values = distributed.all_reduce_sum(values) / distributed.world_size()
+        for name, value in zip(metrics, values):
+            self.log(name, value, batch_size=batch_size)
+
+    @staticmethod
+    def _step_output(out: dict[str, Any]) -> dict[str, Tensor]:
+        """The loss, and the head-0 assignments for the collapse monitor (on_train_batch_end)."""
         return {"loss": out["loss"], **{k: out[k] for k in ("intra_assignments", "inter_assignments") if k in out}}
 
     @torch.no_grad()

@@ -102,3 +102,11 @@ def test_diagnostics_change_no_gradient() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_effective_rank_of_non_finite_embeddings_is_nan_not_an_error() -> None:
+    # A step the numerics guard will skip still computes its diagnostics on a logging step: NaN, not an SVD failure.
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    assert torch.isnan(diagnostics.effective_rank(x))
+    assert 1.0 <= float(diagnostics.effective_rank(torch.randn(8, 4))) <= 4.0

@@ -248,7 +248,7 @@ def test_embed_then_evaluate_images(tmp_path: Path, pretrained_checkpoint: Path,
 
     # Batching does not change the features: one image alone through the loaded encoder gives its row.
     from jointssl.downstream.pretrained import load_pretrained
-    from jointssl.evaluation.inputs import preprocess_image
+    from jointssl.data.prediction_inputs import preprocess_image
     encoder = load_pretrained(pretrained_checkpoint).slice_encoder().eval()
     with torch.no_grad():
         alone = encoder(preprocess_image(rows[3]["path"], 32)[None])[0]
@@ -383,7 +383,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, pretrained_checkpoint:
                   capsys, r"^jointssl embed: error: .*missing\.ckpt: pretrained weights not found")
     (tmp_path / "empty").mkdir()
     expect_exit_2(["embed", "--pretrained", pretrained_checkpoint, "--images", tmp_path / "empty", "--output",
-                   tmp_path / "x"], capsys, r"^jointssl embed: error: no images found in .*empty")
+                   tmp_path / "x"], capsys, r"^jointssl embed: error: .*empty: no usable 2D images: the folder holds no files")
     expect_exit_2(["embed", "--pretrained", pretrained_checkpoint, "--images", tmp_path / "nowhere", "--output",
                    tmp_path / "x"], capsys, r"^jointssl embed: error: image source does not exist")
     expect_exit_2(["evaluate", "--train", tmp_path / "empty"], capsys,

@@ -33,6 +33,8 @@ def tiny_data(root: Path, **overrides) -> JointDataModule:
 
 
 def fit(model: JointSSL, data: JointDataModule, tmp_path: Path, **trainer_kwargs) -> Trainer:
+    # The losses are logged (and reach callback_metrics) on logging steps only: make every step one.
+    trainer_kwargs.setdefault("log_every_n_steps", 1)
     trainer = Trainer(
         accelerator="cpu",
         devices=1,

@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from jointssl.cli import main
 from jointssl.data import JointDataModule, SyntheticData
 from jointssl.data.prediction_inputs import PredictionVolumes, collate_predictions
-from jointssl.evaluation.inputs import preprocess_image
+from jointssl.data.prediction_inputs import preprocess_image
 from jointssl.pretrain import JointSSL
 from tests.downstream_fixtures import TINY_PRETRAIN
 

@@ -53,7 +53,11 @@ class CollapseMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # training_step returns the head-0 assignments of its tasks beside the loss (absent on a skipped step).
+        # training_step returns the head-0 assignments of its tasks beside the loss; those of a step the numerics
+        # guard skipped (non-finite) are void.
+        guard = getattr(pl_module, "numerics_guard", None)
+        if guard is not None and guard.skipped_last_step:
+            return
         for task in TASKS:
             assignments = outputs.get(f"{task}_assignments") if isinstance(outputs, dict) else None
             if assignments is not None:

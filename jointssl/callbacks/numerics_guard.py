@@ -1,15 +1,16 @@
 """NumericsGuard: skip a training step whose loss or gradient is not finite, and stop after too many in a row.
 
-A step whose loss (any term, on any rank) is not finite is skipped: the module's ``training_step`` asks
-:meth:`NumericsGuard.skip_non_finite_loss`, which returns the loss to back-propagate instead (an exact zero that
-reaches every trainable parameter, so DDP's reducer sees all of them) and restores the BatchNorm running statistics
-of before the forward pass (the NaN batch's statistics must not stay in them: training would go on, but every
-evaluation-mode use of the encoder would be NaN). A step whose gradient is not finite is skipped in
-``on_before_optimizer_step``. A skipped step updates no weight and no momentum (SGD/LARS skip parameters without
-``.grad``) but counts towards ``max_steps`` and the learning-rate schedule; ``train/skipped_steps`` counts them.
-``max_consecutive_bad_steps`` in a row raise :class:`NonFiniteTrainingError` naming the loss term and the batch's
-samples. With fp16 mixed precision non-finite gradients are left to the gradient scaler (it must see them to find
-its scale); non-finite losses are still skipped.
+The module's ``training_step`` hands the guard its loss terms (:meth:`NumericsGuard.check_loss`), which records
+as a device tensor which of them are not finite on any rank; before the optimizer step the guard reads that and
+whether every gradient is finite in one host sync (the only one it needs per step). A step with either is
+skipped: its gradients are dropped, so that no weight and no momentum moves (SGD/LARS skip parameters without
+``.grad``; a NaN loss has back-propagated NaN, which DDP averaged onto every rank, so all ranks skip together),
+and the BatchNorm running statistics go back to before the forward pass (the bad batch's statistics must not stay
+in them: training would go on, but every evaluation-mode use of the encoder would be NaN). A skipped step counts
+towards ``max_steps`` and the learning-rate schedule; ``train/skipped_steps`` counts them, and its logged losses
+are the non-finite values. ``max_consecutive_bad_steps`` in a row raise :class:`NonFiniteTrainingError` naming the
+loss term and the batch's samples. With fp16 mixed precision non-finite gradients are left to the gradient scaler
+(it must see them to find its scale); non-finite losses are still skipped.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def describe_batch(batch: dict[str, Any], describe_sample: Callable[[int], str] 
 
 class NumericsGuard(Callback):
     """Skips training steps with a non-finite loss or gradient and stops the run after too many in a row (module
-    docstring). The module's ``training_step`` must call :meth:`skip_non_finite_loss` with its loss terms.
+    docstring). The module's ``training_step`` must call :meth:`check_loss` with its loss terms.
 
     Args:
         max_consecutive_bad_steps: this many skipped steps in a row stop the run.
@@ -63,7 +64,11 @@ class NumericsGuard(Callback):
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.consecutive_bad_steps = 0
         self.skipped_steps = 0
-        self._skip_optimizer_step = False
+        #: True when the last optimizer step was skipped (read by the collapse monitor: its assignments are void).
+        self.skipped_last_step = False
+        # Which loss terms were not finite (a device tensor, read at the optimizer step), and their names.
+        self._loss_flags: Tensor | None = None
+        self._loss_names: list[str] = []
         self._batch_samples: dict[str, Any] = {}
         self._describe_sample: Callable[[int], str] | None = None
         self._global_step = 0
@@ -90,46 +95,52 @@ class NumericsGuard(Callback):
         self._batch_samples = {k: {"index": v["index"], "source": v.get("source", [])} for k, v in batch.items() if v}
         self._global_step, self._epoch = trainer.global_step, trainer.current_epoch
 
-    def skip_non_finite_loss(self, pl_module: LightningModule, terms: dict[str, Tensor]) -> Tensor | None:
-        """Called by ``training_step`` with the loss terms (name -> scalar): None when every term is finite on
-        every rank (one small all-reduce, so that all ranks skip together), else the loss to return instead."""
+    def check_loss(self, terms: dict[str, Tensor]) -> None:
+        """Called by ``training_step`` with the loss terms (name -> scalar). Which terms are not finite on any rank
+        is recorded as a device tensor (one small all-reduce, so that all ranks skip together; no host sync): the
+        verdict is read once per optimizer step, with the gradients', in :meth:`on_before_optimizer_step`.
+        Under gradient accumulation a term that is not finite in any micro-batch counts."""
         names = list(terms)
         bad = torch.stack([~torch.isfinite(terms[name].detach()).all() for name in names]).to(torch.int32)
         bad = distributed.all_reduce_max(bad)
-        bad_terms = [f"L_{name}" for name, flag in zip(names, bad.tolist()) if flag]
-        if not bad_terms:
-            if self._fp16:  # the gradient check is the scaler's: a finite loss ends a run of bad steps
-                self.consecutive_bad_steps = 0
-            return None
-        self._count_bad_step(f"non-finite loss term(s) {', '.join(bad_terms)}")
-        if self._norm_statistics:
-            torch._foreach_copy_(self._norm_statistics, self._norm_snapshot)
-        self._skip_optimizer_step = True
-        # Lightning refuses a None loss under DDP, so backward runs on an exact zero that reaches every trainable
-        # parameter (the NaN graph is never touched); on_before_optimizer_step then removes the gradients.
-        return sum((p * 0.0).sum() for p in pl_module.parameters() if p.requires_grad)
+        if self._loss_flags is not None and self._loss_names == names:
+            bad = torch.maximum(self._loss_flags, bad)
+        self._loss_names, self._loss_flags = names, bad
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._skip_optimizer_step:
-            # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay).
-            self._skip_optimizer_step = False
-            optimizer.zero_grad(set_to_none=True)
+        loss_flags, self._loss_flags = self._loss_flags, None
+        named = [] if self._fp16 else [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        parts = [] if loss_flags is None else [loss_flags]
+        norms = None
+        if named:
+            # DDP has already averaged the gradients, so every rank reaches the same verdict here. With fp16 the
+            # gradient scaler skips steps with non-finite gradients itself (and must see them to lower its scale).
+            norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
+            parts.append((~torch.isfinite(norms)).any().to(torch.int32).reshape(1))
+        self.skipped_last_step = False
+        if not parts:
             return
-        if self._fp16:
-            return
-        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        # DDP has already averaged the gradients, so every rank reaches the same verdict here.
-        norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
-        if bool(torch.isfinite(norms).all()):
+        verdict = torch.cat(parts).tolist()  # the step's one host sync
+        term_flags = verdict[: 0 if loss_flags is None else len(self._loss_names)]
+        bad_terms = [f"L_{name}" for name, flag in zip(self._loss_names, term_flags) if flag]
+        bad_gradient = norms is not None and bool(verdict[-1])
+        if not bad_terms and not bad_gradient:
             self.consecutive_bad_steps = 0
             return
-        bad = [name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
+        # No gradient = no update: SGD/LARS skip parameters without .grad (weights, momentum, weight decay). The
+        # BatchNorm running statistics go back to before the forward pass: the bad batch's statistics must not stay
+        # in them (training would go on, but every evaluation-mode use of the encoder would be NaN).
         optimizer.zero_grad(set_to_none=True)
-        self._count_bad_step(f"non-finite gradient of {_first(bad)}")
+        if self._norm_statistics:
+            torch._foreach_copy_(self._norm_statistics, self._norm_snapshot)
+        self.skipped_last_step = True
+        if bad_terms:
+            self._count_bad_step(f"non-finite loss term(s) {', '.join(bad_terms)}")
+        else:
+            bad = [name for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
+            self._count_bad_step(f"non-finite gradient of {_first(bad)}")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from jointssl import distributed
 from jointssl.evaluation import probes as probe_functions
-from jointssl.evaluation.inputs import labelled_records, preprocess_image
+from jointssl.data.prediction_inputs import preprocess_image
+from jointssl.evaluation.inputs import labelled_records
 
 log = logging.getLogger("jointssl")
 

@@ -72,7 +72,8 @@ class MultiCropDataset(Dataset):
 
 def collate_multicrop(samples: Sequence[Sample]) -> Sample:
     """Stack multi-crop samples: ``{"crops": list[Tensor[B, 1, h, w]] (one per crop), "index": LongTensor[B],
-    "source": list[str]}``."""
+    "keys": list[int] (the same indices as host ints: per-sample random choices read them without a device
+    sync), "source": list[str]}``."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     num_crops = len(samples[0]["crops"])
@@ -81,5 +82,6 @@ def collate_multicrop(samples: Sequence[Sample]) -> Sample:
     return {
         "crops": [torch.stack([sample["crops"][k] for sample in samples]) for k in range(num_crops)],
         "index": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
+        "keys": [int(sample["index"]) for sample in samples],
         "source": [sample["source"] for sample in samples],
     }

@@ -2,7 +2,7 @@
 module, once each and without augmentation (JointDataModule.predict_dataloader; JointSSL.predict_step).
 
 - an image: the whole image resized to ``global_crop_size`` (no crop), normalised as the training crops are
-  (:func:`jointssl.evaluation.inputs.preprocess_image`, as `jointssl embed` reads images);
+  (:func:`preprocess_image`, as `jointssl embed` and the online evaluation read images);
 - a volume: all its slices as the training views are built from them (decoded and cached by
   :class:`~jointssl.data.volume_datasets.CachedVolumes`, resized in-plane to ``volume_size``, normalised), with no
   slab crop and no augmentation.
@@ -19,11 +19,28 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+import torch.nn.functional as F
+from torch import Tensor
+
 from jointssl.data.discovery import ImageRecord
+from jointssl.data.image_io import load_image_2d
 from jointssl.data.intensity import to_encoder_input
 from jointssl.data.volume_datasets import CachedVolumes
 from jointssl.data.volume_io import resize_slices
-from jointssl.evaluation.inputs import preprocess_image
+
+
+def normalise(pixels: Tensor) -> Tensor:
+    """Intensities in [0, 1] -> the encoder's input range: clamp to [0, 1], then (x - mean) / std with the
+    training normalisation (:func:`jointssl.data.intensity.to_encoder_input`)."""
+    return to_encoder_input(pixels.clamp(0, 1)).contiguous()
+
+
+def preprocess_image(path: str, image_size: int) -> Tensor:
+    """One 2D image as the encoder takes it: ``[1, image_size, image_size]`` float32, the whole image resized
+    (antialiased bilinear, no crop) and normalised (:func:`normalise`)."""
+    image = torch.from_numpy(load_image_2d(path)).float()[None, None]
+    image = F.interpolate(image, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return normalise(image[0])
 
 
 class PredictionImages(Dataset):

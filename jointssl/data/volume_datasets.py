@@ -364,8 +364,9 @@ class SliceDataset(Dataset):
 def collate_volumes(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch VolumeDataset items.
 
-    Returns ``views`` ``[B, 2, N, 1, S, S]``, ``padding_mask`` ``[B, N]``, ``index`` ``[B]`` and ``source`` (a
-    list). Items with fewer slices than the longest are padded with zero slices marked as padding.
+    Returns ``views`` ``[B, 2, N, 1, S, S]``, ``padding_mask`` ``[B, N]``, ``index`` ``[B]``, ``keys`` (the same
+    indices as host ints: per-sample random choices read them without a device sync) and ``source`` (a list).
+    Items with fewer slices than the longest are padded with zero slices marked as padding.
     """
     if not samples:
         raise ValueError("cannot collate an empty batch")
@@ -379,6 +380,7 @@ def collate_volumes(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "views": torch.stack(views),
         "padding_mask": torch.stack(masks),
         "index": torch.tensor([int(sample["index"]) for sample in samples], dtype=torch.long),
+        "keys": [int(sample["index"]) for sample in samples],
         "source": [sample["source"] for sample in samples],
     }
 

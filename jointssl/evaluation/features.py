@@ -42,7 +42,8 @@ from torch import Tensor
 from jointssl.checkpointing import write_atomic
 from jointssl.downstream.pretrained import EXPORT_WEIGHTS, PretrainedWeights, load_pretrained
 from jointssl.errors import UserError
-from jointssl.evaluation.inputs import images_with_labels, preprocess_image, preprocess_volume, volumes_with_labels
+from jointssl.data.prediction_inputs import preprocess_image
+from jointssl.evaluation.inputs import images_with_labels, preprocess_volume, volumes_with_labels
 from jointssl.models import SliceEncoder, VolumeEncoder
 
 log = logging.getLogger("jointssl")
@@ -137,7 +138,7 @@ def image_features(
     quiet: bool = True,
 ) -> dict[str, Tensor]:
     """``{"features": [N, D]}`` float32 on CPU: f_intra's embedding of each image (preprocessed by
-    :func:`~jointssl.evaluation.inputs.preprocess_image`), in ``paths`` order."""
+    :func:`~jointssl.data.prediction_inputs.preprocess_image`), in ``paths`` order."""
     encoder = encoder.to(device).eval()
     parts = []
     with _progress(len(paths), "images", quiet) as bar:

@@ -20,13 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from jointssl.data.image_io import load_image_2d
 from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
 from jointssl.data.manifest import read_manifest
-from jointssl.data.intensity import to_encoder_input
+from jointssl.data.prediction_inputs import normalise
 from jointssl.data.volume_io import VolumeRecord, load_volume, resize_slices
 
 #: Volume loading defaults, as in JointDataModule.
@@ -90,20 +88,6 @@ def _manifest_labels(manifest: Path) -> dict[str, str]:
         return {}
     column = table.column("path", "image")
     return {row.path(column): row.text("label") for row in table.rows if row.text(column)}
-
-
-def normalise(pixels: Tensor) -> Tensor:
-    """Intensities in [0, 1] -> the encoder's input range: clamp to [0, 1], then (x - mean) / std with the
-    training normalisation (:func:`jointssl.data.intensity.to_encoder_input`)."""
-    return to_encoder_input(pixels.clamp(0, 1)).contiguous()
-
-
-def preprocess_image(path: str, image_size: int) -> Tensor:
-    """One 2D image as the encoder takes it: ``[1, image_size, image_size]`` float32, the whole image resized
-    (antialiased bilinear, no crop) and normalised (:func:`normalise`)."""
-    image = torch.from_numpy(load_image_2d(path)).float()[None, None]
-    image = F.interpolate(image, size=(image_size, image_size), mode="bilinear", antialias=True)
-    return normalise(image[0])
 
 
 def preprocess_volume(record: VolumeRecord, volume_size: int, slice_stride: int = 1) -> Tensor:

@@ -24,22 +24,29 @@ import torch
 from torch import Tensor
 
 
-def keyed_uniform(keys: Tensor, num: int, salt: Sequence[int] = ()) -> Tensor:
+def keyed_uniform(
+    keys: Tensor | Sequence[int], num: int, salt: Sequence[int] = (), device: torch.device | str | None = None
+) -> Tensor:
     """Uniform draws [len(keys), num] in [0, 1) where row i depends only on ``keys[i]`` and ``salt``.
 
     Random choices made per sample (which slices to mask, which to pair) must not depend on how a batch is split
     between ranks, or on the state of a global generator: then two processes with half a batch each make exactly
     the choices one process makes for the whole batch, and a resumed run makes the choices of an uninterrupted one.
-    ``keys`` are the samples' global indices; ``salt`` (e.g. a seed, the global step, a purpose tag) varies the
-    draws between steps and uses. Returned on ``keys``' device.
+    ``keys`` are the samples' global indices (a host list of ints avoids the device sync of reading a tensor);
+    ``salt`` (e.g. a seed, the global step, a purpose tag) varies the draws between steps and uses. Returned on
+    ``device`` (default: the device of ``keys``, the CPU for a list).
     """
+    if isinstance(keys, Tensor):
+        device = keys.device if device is None else device
+        keys = keys.tolist()
     rows = []
-    for key in keys.tolist():
+    for key in keys:
         seed = np.random.SeedSequence([*(int(s) % 2**63 for s in salt), int(key) % 2**63]).generate_state(1)[0]
         rows.append(torch.rand(num, generator=torch.Generator().manual_seed(int(seed))))
     if not rows:
-        return torch.empty(0, num, device=keys.device)
-    return torch.stack(rows).to(keys.device)
+        return torch.empty(0, num, device=device)
+    # non_blocking: a host-to-device copy that the step does not wait for.
+    return torch.stack(rows).to(device, non_blocking=True)
 
 
 def random_slice_mask(

@@ -33,17 +33,20 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
     """Soft assignments of samples to prototypes with equal prototype usage over the global batch.
 
     Args:
-        scores: [B, K] sample-by-prototype similarities of this rank (any float dtype; under autocast too).
+        scores: [B, K] sample-by-prototype similarities of this rank (any float dtype; under autocast too), or
+            [V, B, K]: V independent problems (e.g. the views of one batch) solved together, so that their
+            all-reduces are shared (one per iteration for all V instead of one per iteration each).
             Ranks may hold different B; all ranks must call this together when torch.distributed is initialised.
         epsilon: entropic regularisation (the exponent is scores / epsilon).
         iterations: Sinkhorn iterations (each: normalise prototype totals over all ranks, then sample totals).
 
     Returns:
-        [B, K] float32 codes, no gradient. Each row (a sample's soft assignment) sums to 1; each column sums to
-        about B_global / K over the samples of all ranks (exactly so as the iterations converge).
+        codes shaped like ``scores``, float32, no gradient. Each row (a sample's soft assignment) sums to 1; each
+        column sums to about B_global / K over the samples of all ranks (exactly so as the iterations converge).
     """
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [batch, prototypes], got shape {tuple(scores.shape)}")
+    if scores.ndim not in (2, 3):
+        raise ValueError(f"scores must be [batch, prototypes] or [views, batch, prototypes], got shape "
+                         f"{tuple(scores.shape)}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if epsilon <= 0:
@@ -51,24 +54,24 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
     # Mixed precision must not touch the exponentials: compute in float32 whatever the input / autocast.
     with torch.autocast(device_type=scores.device.type, enabled=False):
         logits = (scores.detach().float() / epsilon).clamp_(-_LOGIT_LIMIT, _LOGIT_LIMIT)
-        num_samples, num_prototypes = logits.shape
+        num_samples = logits.shape[-2]
 
         # First prototype normalisation, of exp(logits) itself: a log-sum-exp over the samples of all ranks.
         # Subtracting each prototype's global maximum (a per-prototype constant, which this normalisation
         # erases exactly) keeps exp() <= 1 and gives every prototype at least one entry equal to 1.
-        column_max = logits.new_full((num_prototypes,), -_LOGIT_LIMIT)
+        column_max = logits.new_full((*logits.shape[:-2], logits.shape[-1]), -_LOGIT_LIMIT)
         if num_samples > 0:
-            torch.maximum(column_max, logits.amax(dim=0), out=column_max)
+            torch.maximum(column_max, logits.amax(dim=-2), out=column_max)
         all_reduce_max(column_max)
-        logits -= column_max
-        column_sums = all_reduce_sum(logits.exp().sum(dim=0))
+        logits -= column_max.unsqueeze(-2)
+        column_sums = all_reduce_sum(logits.exp().sum(dim=-2))
         log_prototype_weight = -column_sums.clamp_min(_TINY).log()
 
         # Later iterations: the sample normalisation makes each row a softmax; the prototype normalisation
         # divides each prototype by its total over all ranks.
         for _ in range(iterations - 1):
-            codes = torch.softmax(logits + log_prototype_weight, dim=1)
-            column_sums = all_reduce_sum(codes.sum(dim=0))
+            codes = torch.softmax(logits + log_prototype_weight.unsqueeze(-2), dim=-1)
+            column_sums = all_reduce_sum(codes.sum(dim=-2))
             log_prototype_weight -= column_sums.clamp_min(_TINY).log()
 
-        return torch.softmax(logits + log_prototype_weight, dim=1)
+        return torch.softmax(logits + log_prototype_weight.unsqueeze(-2), dim=-1)

@@ -70,6 +70,9 @@ class SwAVLoss(nn.Module):
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, embedding_dim))
         self.register_buffer("queue_index", torch.full((queue_length,), -1, dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        # queue_filled as a host int, so that the per-step "is the queue full?" needs no device sync: read from the
+        # buffer once (None: not yet, or the buffer was loaded from a checkpoint since), then kept in step with it.
+        self._filled_on_host: int | None = None
 
     def resize_queue(self, queue_length: int) -> None:
         """Empty the queue and give it `queue_length` rows (e.g. this rank's share of a global queue length)."""
@@ -79,10 +82,28 @@ class SwAVLoss(nn.Module):
         self.queue = self.queue.new_zeros(len(self.crops_for_assign), queue_length, self.embedding_dim)
         self.queue_index = self.queue_index.new_full((queue_length,), -1)
         self.queue_filled.zero_()
+        self._filled_on_host = 0
 
     def queue_is_full(self) -> bool:
-        """True once every queue row holds an embedding (reads a device scalar: one sync on GPU)."""
-        return self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
+        """True once every queue row holds an embedding (the buffer is read once after construction or loading;
+        a device sync on GPU then only)."""
+        if self.queue_length == 0:
+            return False
+        if self._filled_on_host is None:
+            self._filled_on_host = int(self.queue_filled)
+        return self._filled_on_host >= self.queue_length
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        queue = state_dict.get(prefix + "queue")
+        if queue is not None and queue.shape[1] != self.queue_length:
+            # The queue is each rank's share of the global length (resize_queue in setup): a state written by a
+            # process with another share (a rank of a DDP run, read back by Lightning's spawn launcher into the main
+            # process; or before setup) brings its own length.
+            self.resize_queue(queue.shape[1])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._filled_on_host = None  # the loaded buffer is the truth: read it again when next asked
 
     def forward(
         self, embeddings: Sequence[Tensor], prototypes: Tensor, use_queue: bool = False, index: Tensor | None = None
@@ -109,37 +130,41 @@ class SwAVLoss(nn.Module):
             scores = [crop.float() @ prototypes32.t() for crop in embeddings]
             log_probs = [F.log_softmax(crop_scores / self.temperature, dim=1) for crop_scores in scores]
 
-            crop_losses = []
-            assignments: Tensor | None = None
-            first_codes: Tensor | None = None
-            for slot, crop in enumerate(self.crops_for_assign):
-                with torch.no_grad():
-                    assign_scores = scores[crop].detach()
+            with torch.no_grad():
+                assign_scores = []
+                for slot, crop in enumerate(self.crops_for_assign):
+                    crop_scores = scores[crop].detach()
                     if prepend_queue:
                         queue_scores = self.queue[slot].float() @ prototypes32.detach().t()
                         if own_rows is not None:
                             queue_scores = queue_scores.masked_fill(own_rows, 0.0)
-                        assign_scores = torch.cat([queue_scores, assign_scores])
-                    codes = sinkhorn_knopp(assign_scores, self.epsilon, self.sinkhorn_iterations)
-                    codes = codes[-batch_size:]  # the queue rows only shape the equipartition
-                    if assignments is None:
-                        assignments = codes.argmax(dim=1)
-                        first_codes = codes
+                        crop_scores = torch.cat([queue_scores, crop_scores])
+                    assign_scores.append(crop_scores)
+                # The crops' Sinkhorn problems are independent: solved together, they share each all-reduce.
+                all_codes = sinkhorn_knopp(torch.stack(assign_scores), self.epsilon, self.sinkhorn_iterations)
+                all_codes = all_codes[:, -batch_size:]  # the queue rows only shape the equipartition
+                for slot, crop in enumerate(self.crops_for_assign):
                     self._push_to_queue(slot, embeddings[crop])
+            crop_losses = []
+            for slot, crop in enumerate(self.crops_for_assign):
+                codes = all_codes[slot]
                 predictions = [
                     -(codes * log_probs[view]).sum(dim=1).mean() for view in range(len(embeddings)) if view != crop
                 ]
                 crop_losses.append(torch.stack(predictions).mean())
             loss = torch.stack(crop_losses).mean()
+            first_codes = all_codes[0]
+            assignments = first_codes.argmax(dim=1)
 
         if self.queue_length > 0:
             self.queue_filled.add_(batch_size).clamp_(max=self.queue_length)
+            if self._filled_on_host is not None:
+                self._filled_on_host = min(self._filled_on_host + batch_size, self.queue_length)
             with torch.no_grad():
                 rows = torch.full((batch_size,), -1, dtype=torch.long, device=self.queue_index.device)
                 if index is not None:
                     rows = index.to(self.queue_index.device, torch.long)
                 self.queue_index.copy_(torch.cat([rows, self.queue_index])[: self.queue_length])
-        assert assignments is not None and first_codes is not None  # crops_for_assign is non-empty (__init__)
         first = self.crops_for_assign[0]
         return SwAVOutput(loss=loss, assignments=assignments, codes=first_codes, scores=scores[first].detach())
 
