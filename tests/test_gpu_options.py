@@ -2,9 +2,9 @@
 the plain fp32 step within a stated tolerance, and none changes the state_dict (keys, checkpoint loading, export).
 
 On CPU, torch.compile is tested with the "eager" backend: dynamo's graph capture, guards and in-place compilation
-(state_dict, DDP, checkpointed recomputation), with the captured graph run by eager kernels. Inductor (a minute
-for test_resnet on one free core, ten times that on this machine's shared cores) and aot_eager (40-130 s here)
-are too slow for the suite; benchmarks/gpu_check.sh runs inductor on a GPU (and --device cpu on CPU)."""
+(state_dict, DDP, checkpointed recomputation), with the captured graph run by eager kernels. Inductor (405 s for
+test_resnet's first checkpointed step on this machine's shared cores) and aot_eager (40-130 s) are too slow for
+the suite; benchmarks/gpu_check.sh runs inductor on a GPU (and on CPU with --device cpu)."""
 
 from __future__ import annotations
 
