@@ -96,6 +96,10 @@ class JointSSL(LightningModule):
             recipe). Loaded with `weights_only=True`; missing/unexpected keys are logged.
         slice_chunk_size: run f_intra over at most this many slices/crops at a time (0: all at once).
         checkpoint_slices: recompute f_intra activations in the backward pass (per chunk) to fit 64-slice volumes.
+        channels_last: f_intra's CNN in NHWC memory format (weights and inputs), the layout of tensor-core
+            convolutions on GPUs; the state_dict is unchanged (SliceEncoder).
+        compile_encoder: torch.compile f_intra's CNN in place (inductor, dynamic shapes; the first steps compile);
+            state_dict keys unchanged (SliceEncoder.enable_compile).
         base_lr: learning rate for `lr_reference_batch_size` samples; the actual rate scales linearly with the
             global batch size (per-device 2D batch x devices x nodes x gradient accumulation).
         lr_reference_batch_size: the batch size `base_lr` is quoted for.
@@ -160,6 +164,8 @@ class JointSSL(LightningModule):
         init_from: str | None = None,
         slice_chunk_size: int = 0,
         checkpoint_slices: bool = False,
+        channels_last: bool = False,
+        compile_encoder: bool = False,
         base_lr: float = 0.6,
         lr_reference_batch_size: int = 256,
         min_lr_ratio: float = 0.001,
@@ -187,6 +193,7 @@ class JointSSL(LightningModule):
         volume_encoder = VolumeEncoder.build(
             backbone, d_model, AggregatorConfig.from_pretrain_hparams(self.hparams),
             slice_chunk_size=slice_chunk_size, checkpoint_slices=checkpoint_slices,
+            channels_last=channels_last, compile_encoder=compile_encoder,
         )
         # f_intra and f_inter are registered here, as `encoder` and `aggregator` (the checkpoint keys that
         # exports, downstream loading and resumes read); the VolumeEncoder composing them is held outside the
