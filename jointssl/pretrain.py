@@ -24,6 +24,7 @@ from jointssl.callbacks.numerics_guard import NumericsGuard
 from jointssl.callbacks.prediction_writers import EmbeddingWriter
 from jointssl.callbacks.resume import ExactResume
 from jointssl.checkpointing import AtomicCheckpoints
+from jointssl.errors import ConfigError, check_ranges
 from jointssl.losses import (
     interpolate_masked_slices,
     keyed_uniform,
@@ -181,9 +182,21 @@ class JointSSL(LightningModule):
         super().__init__()
         unknown = set(freeze) - set(PARTS)
         if unknown:
-            raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+            raise ConfigError(f"JointSSL: freeze: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
         if min(intra_weight, inter_weight, mask_weight) < 0 or intra_weight + inter_weight + mask_weight == 0:
-            raise ValueError("loss weights must be >= 0 and not all 0")
+            raise ConfigError("JointSSL: loss weights must be >= 0 and not all 0")
+        # Every range before any file is decoded, naming the option (a user error: one line from the CLI).
+        check_ranges(
+            "JointSSL", locals(),
+            positive=("d_model", "projection_dim", "num_prototypes", "num_prototypes_3d", "temperature",
+                      "sinkhorn_epsilon", "sinkhorn_iterations", "kmeans_iterations", "intra_slices_per_volume",
+                      "mask_span", "aggregator_layers", "aggregator_heads", "aggregator_ffn_dim",
+                      "deformable_downsample", "base_lr", "lr_reference_batch_size", "max_consecutive_bad_steps"),
+            non_negative=("projection_hidden_dim", "queue_length", "queue_length_3d", "queue_start_epoch",
+                          "freeze_prototypes_steps", "deformable_offset_scale", "slice_chunk_size", "warmup_epochs",
+                          "weight_decay", "momentum", "lars_trust_coefficient"),
+            unit_interval=("mask_ratio", "aggregator_dropout", "min_lr_ratio"),
+        )
         self.save_hyperparameters()
         task = dict(
             method=method, in_dim=d_model, hidden_dim=projection_hidden_dim, out_dim=projection_dim,
@@ -268,7 +281,7 @@ class JointSSL(LightningModule):
                 batches.append(("volume_batch_size", data.volume_batch_size, "inter"))
             for name, size, task in batches:
                 if task not in self._frozen and size < 2:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{name}={size}: the projection head's BatchNorm needs at least 2 samples per device batch"
                     )
         world = self.trainer.world_size
@@ -279,7 +292,7 @@ class JointSSL(LightningModule):
             checks.append(("volumes", num_volumes, self.hparams.num_prototypes_3d, "inter"))
             for what, count, prototypes, task in checks:
                 if task not in self._frozen and count < max(prototypes):
-                    raise ValueError(
+                    raise ConfigError(
                         f"DeepCluster-v2 needs at least as many {what} as prototypes per head: {count} < "
                         f"{max(prototypes)}; lower num_prototypes{'_3d' if task == 'inter' else ''} or add data"
                     )

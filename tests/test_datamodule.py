@@ -62,7 +62,8 @@ def test_batches_have_the_documented_structure_and_cover_the_epoch(tmp_path):
     for batch, _, _ in loader:
         assert set(batch) == {"images"}
         images = batch["images"]
-        assert set(images) == {"crops", "index", "source"}
+        assert set(images) == {"crops", "index", "keys", "source"}
+        assert images["keys"] == images["index"].tolist()  # the same indices as host ints
         assert [tuple(c.shape) for c in images["crops"]] == [(8, 1, 32, 32)] * 2 + [(8, 1, 16, 16)] * 2
         assert all(c.dtype == torch.float32 for c in images["crops"])
         assert images["index"].dtype == torch.long and images["index"].shape == (8,)

@@ -66,16 +66,17 @@ def decode_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
     original = volume_io._decode
 
-    def counting_decode(path, loader):
+    def counting_decode(path, *args, **kwargs):
         calls.append(path)
-        return original(path, loader)
+        return original(path, *args, **kwargs)
 
     monkeypatch.setattr(volume_io, "_decode", counting_decode)
     return calls
 
 
 def check_image_batch(images: dict, batch_size: int = 4, crop_size: int = 16) -> None:
-    assert set(images) == {"crops", "index", "source"}
+    assert set(images) == {"crops", "index", "keys", "source"}
+    assert images["keys"] == images["index"].tolist()  # the same indices as host ints
     assert [tuple(c.shape) for c in images["crops"]] == [(batch_size, 1, crop_size, crop_size)] * 2
     assert all(c.dtype == torch.float32 for c in images["crops"])
     assert images["index"].dtype == torch.long and images["index"].shape == (batch_size,)
@@ -83,7 +84,8 @@ def check_image_batch(images: dict, batch_size: int = 4, crop_size: int = 16) ->
 
 
 def check_volume_batch(volumes: dict, batch_size: int = 2, num_slices: int = 8, size: int = 16) -> None:
-    assert set(volumes) == {"views", "padding_mask", "index", "source"}
+    assert set(volumes) == {"views", "padding_mask", "index", "keys", "source"}
+    assert volumes["keys"] == volumes["index"].tolist()
     assert volumes["views"].shape == (batch_size, 2, num_slices, 1, size, size)
     assert volumes["views"].dtype == torch.float32 and torch.isfinite(volumes["views"]).all()
     assert volumes["padding_mask"].shape == (batch_size, num_slices)

@@ -240,3 +240,12 @@ def test_volume_batch_of_one_fails_before_training_with_a_clear_message(tmp_path
                      aggregator_heads=4, aggregator_ffn_dim=32)
     with pytest.raises(ValueError, match="volume_batch_size=1: the projection head's BatchNorm needs at least 2"):
         fit(model, data, tmp_path, max_steps=1)
+
+
+def test_out_of_range_hyper_parameters_are_refused_naming_the_option() -> None:
+    from jointssl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"JointSSL: mask_ratio must be in \[0, 1\], got 1.5"):
+        JointSSL(**TINY_MODEL, mask_ratio=1.5)
+    with pytest.raises(ConfigError, match=r"JointSSL: num_prototypes must be a non-empty list of values > 0, got \[0\]"):
+        JointSSL(**{**TINY_MODEL, "num_prototypes": [0]})

@@ -189,7 +189,7 @@ def test_console_fit_refuses_a_pickled_checkpoint(tmp_path: Path, marker: Path):
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # nothing was trained from it
 
 
-def test_poisoned_volume_cache_file_is_recomputed_not_unpickled(tmp_path: Path, marker: Path):
+def test_poisoned_volume_cache_file_is_recomputed_not_unpickled(tmp_path: Path, marker: Path, caplog):
     """The disk cache of decoded volumes is read back with weights_only=True: a cache file replaced by a pickle
     payload is discarded and recomputed."""
     from jointssl.data import SyntheticData, generate_synthetic_data
@@ -203,7 +203,8 @@ def test_poisoned_volume_cache_file_is_recomputed_not_unpickled(tmp_path: Path, 
     expected = volumes[0]["volume"].clone()
     (cached,) = list((tmp_path / "cache").rglob("*.pt"))
     torch.save({"volume": WritesMarkerWhenUnpickled(marker)}, cached)
-    with pytest.warns(UserWarning, match="Corrupt cache file"):
+    with caplog.at_level("WARNING", logger="jointssl.data"):
         again = CachedVolumes(records, cache="disk", cache_dir=tmp_path / "cache")[0]["volume"]
+    assert f"volume cache entry {cached}" in caplog.text and "holds pickled Python objects" in caplog.text
     assert torch.equal(again, expected)
     assert not marker.exists()

@@ -204,8 +204,8 @@ class JointDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.on_bad_file = on_bad_file
         self.validation_threads = validation_threads
-        if max_decoded_bytes is not None and max_decoded_bytes < 1:
-            raise ValueError(f"max_decoded_bytes must be positive (or null: no bound), got {max_decoded_bytes}")
+        require(max_decoded_bytes is None or max_decoded_bytes >= 1, "JointDataModule", "max_decoded_bytes",
+                ">= 1 (or null: no bound)", max_decoded_bytes)
         self.max_decoded_bytes = max_decoded_bytes
         self.validation_cache = validation_cache
         self.pin_memory = pin_memory

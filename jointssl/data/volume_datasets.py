@@ -26,6 +26,7 @@ bad one raises nothing but is reported; a progress bar shows the cache being bui
 from __future__ import annotations
 
 import copy
+import pickle
 import hashlib
 import inspect
 import json
@@ -116,9 +117,14 @@ def _read_cache_entry(entry: Path, volume_path: str) -> dict[str, Any] | None:
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - torch.load raises OSError, RuntimeError, EOFError, pickle errors
+        if isinstance(error, pickle.UnpicklingError):
+            # Not torch's advice to retry with weights_only=False: an entry holds tensors only, never code.
+            reason = "it holds pickled Python objects, which are not loaded"
+        else:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         logger.warning(
-            "volume cache entry %s for %s cannot be read (%s: %s): removed, the volume is decoded again",
-            entry, volume_path, type(error).__name__, error,
+            "volume cache entry %s for %s cannot be read (%s): removed, the volume is decoded again",
+            entry, volume_path, reason,
         )
         entry.unlink(missing_ok=True)
         return None

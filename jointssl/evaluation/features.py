@@ -77,13 +77,11 @@ class EmbedResult:
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a checkpoint file, or of the ``encoders.safetensors`` of an export folder (or of the folder of a
-    ``.safetensors`` file, which is what :func:`load_pretrained` reads)."""
+    """sha256 of the weights file that :func:`load_pretrained` reads: a checkpoint or ``.safetensors`` file as
+    named, or the ``encoders.safetensors`` of an export folder."""
     path = Path(path)
     if path.is_dir():
         path = path / EXPORT_WEIGHTS
-    elif path.suffix == ".safetensors":
-        path = path.parent / EXPORT_WEIGHTS
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
