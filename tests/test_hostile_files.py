@@ -127,7 +127,7 @@ def test_the_bound_is_one_setting_a_config_or_the_command_line_raises(bombs, cap
     module = JointDataModule(max_decoded_bytes=123)
     assert module.volume_load_kwargs["max_decoded_bytes"] == 123
     assert JointDataModule().max_decoded_bytes == DEFAULT_MAX_DECODED_BYTES
-    with pytest.raises(ValueError, match="max_decoded_bytes must be positive"):
+    with pytest.raises(ValueError, match=r"JointDataModule: max_decoded_bytes must be >= 1 \(or null: no bound\), got 0"):
         JointDataModule(max_decoded_bytes=0)
 
 

@@ -125,12 +125,14 @@ def test_a_named_safetensors_file_is_the_file_loaded(workspace: Path, tmp_path: 
     assert_documented("pretrained-named-file", result.stderr)
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_the_timm_backbone_file_is_refused_not_replaced(workspace: Path) -> None:
     message = user_error(fit_pretrained(workspace, workspace / "exp" / "backbone.safetensors"), "fit",
                          "backbone.safetensors")
     assert_documented("pretrained-backbone-file", message)
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_pretrained_paths_that_cannot_be_loaded(workspace: Path, pretrained_checkpoint: Path) -> None:
     bad = workspace / "bad_pretrained"
     bad.mkdir()
@@ -179,6 +181,7 @@ def test_export_to_an_existing_file_leaves_it_untouched(workspace: Path, pretrai
     assert_documented("export-output-is-file", message)
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 @pytest.mark.parametrize("truncated", [EXPORT_CONFIG, EXPORT_WEIGHTS])
 def test_export_of_a_truncated_export(workspace: Path, tmp_path: Path, truncated: str) -> None:
     source = tmp_path / "source"
@@ -197,6 +200,7 @@ def test_export_of_a_truncated_export(workspace: Path, tmp_path: Path, truncated
 
 
 # ------------------------------------------------------------------------------ class 5: check-data
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in names")
 def test_check_data_prints_a_non_utf8_name_under_a_utf8_locale(workspace: Path, tmp_path: Path) -> None:
     folder = tmp_path / "names"
@@ -253,6 +257,7 @@ def resume(workspace: Path, experiment: Path, *extra: str, env: dict[str, str] |
     return fit(workspace, f"--trainer.default_root_dir={experiment}", "--ckpt_path", "last", *extra, env=env)
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_resuming_from_a_last_ckpt_that_is_not_a_checkpoint(workspace: Path, tmp_path: Path) -> None:
     cases = {
         "resume-empty": lambda path: path.write_bytes(b""),
@@ -275,6 +280,7 @@ class Payload:
     """Not a tensor or plain value: only a full unpickle builds it."""
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_resuming_from_a_checkpoint_with_pickled_objects(workspace: Path, tmp_path: Path,
                                                          pretrained_checkpoint: Path) -> None:
     checkpoint = torch.load(pretrained_checkpoint, map_location="cpu", weights_only=True)
@@ -318,6 +324,7 @@ def test_config_values_out_of_range_are_one_line_naming_the_option(workspace: Pa
     assert not (experiment / "validation_cache").exists()  # refused before any file was decoded
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_debug_shows_the_traceback(workspace: Path, tmp_path: Path) -> None:
     override = "--data.init_args.batch_size=-4"
     for env, flag in (({"JOINTSSL_DEBUG": "1"}, ()), (None, ("--debug",))):
@@ -327,6 +334,7 @@ def test_debug_shows_the_traceback(workspace: Path, tmp_path: Path) -> None:
         assert "batch_size must be >= 1" in result.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_fit_warns_of_images_smaller_than_the_global_crop(workspace: Path, tmp_path: Path) -> None:
     result = fit(workspace, "--data.init_args.global_crop_size=64", f"--trainer.default_root_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -343,6 +351,7 @@ def test_crops_above_the_slice_size_are_warned_of_at_construction(caplog: pytest
     assert "global_crop_size" not in caplog.text
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_errors_raised_in_setup_are_messages_too(workspace: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -354,6 +363,7 @@ def test_errors_raised_in_setup_are_messages_too(workspace: Path, tmp_path: Path
     assert "empty file" in message
 
 
+@pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
 def test_export_keeps_reporting_existing_exports(workspace: Path, pretrained_checkpoint: Path) -> None:
     before = json.loads((workspace / "exp" / EXPORT_CONFIG).read_text())
     message = user_error(run_cli("export", "--checkpoint", str(pretrained_checkpoint), "--output",

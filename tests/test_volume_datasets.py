@@ -35,9 +35,9 @@ def decode_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
     original = volume_io._decode
 
-    def counting_decode(path, loader):
+    def counting_decode(path, *args, **kwargs):
         calls.append(path)
-        return original(path, loader)
+        return original(path, *args, **kwargs)
 
     monkeypatch.setattr(volume_io, "_decode", counting_decode)
     return calls
