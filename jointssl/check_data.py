@@ -197,6 +197,7 @@ def _check_images(
 ) -> int:
     """Add the findings of the 2D sources to the report; return the number of entries checked. An image smaller
     than the global crop trains, but every crop of it is an upsampled blur: a warning."""
+    from jointssl.data.datamodule import small_image_note
     from jointssl.data.discovery import SourceScan, scan_image_sources
     from jointssl.data.image_io import MIN_IMAGE_SIDE
     from jointssl.data.validation import check_images
@@ -213,14 +214,10 @@ def _check_images(
             yield Finding(check.error.path, "error", check.error.reason)
             return
         yield from (Finding(check.path, "warning", note) for note in check.notes)
-        if check.shape is not None and min(check.shape) < crop:
-            height, width = check.shape
-            upsampling = crop / min(height, width)
-            message = (
-                f"image is {height}x{width} pixels, smaller than global_crop_size {crop}: its crops are upsampled "
-                f"(at least {upsampling:.1f}x)"
-            )
-            yield Finding(check.path, "warning", message)
+        # The one wording of this finding and of fit's warning (JointDataModule).
+        small = small_image_note(check.shape, crop)
+        if small is not None:
+            yield Finding(check.path, "warning", small)
 
     check_images(
         scan.records,
