@@ -242,3 +242,33 @@ def test_keyed_initialisation_does_not_depend_on_row_order() -> None:
     assert not torch.allclose(unkeyed.centroids, spherical_kmeans(points, 12, iterations=0, seed=3).centroids)
     with pytest.raises(ValueError, match="keys must be"):
         spherical_kmeans(points, 12, keys=keys[:5])
+
+
+def test_moving_changed_rows_keeps_the_sums_of_a_full_recount() -> None:
+    generator = torch.Generator().manual_seed(3)
+    points = F.normalize(torch.randn(500, 16, generator=generator), dim=1)
+    before = torch.randint(0, 7, (500,), generator=generator)
+    after = before.clone()
+    after[::9] = torch.randint(0, 6, (after[::9].numel(),), generator=generator)
+    after[before == 6] = 2  # cluster 6 is emptied by the moves
+    moved = kmeans._MemberSums(7, 16, like=points)
+    moved.recompute(points, before)
+    moved.move_changed(points, before, after)
+    recounted = kmeans._MemberSums(7, 16, like=points)
+    recounted.recompute(points, after)
+    assert torch.equal(moved.counts, recounted.counts) and int(moved.counts[6]) == 0
+    torch.testing.assert_close(moved.sums, recounted.sums, rtol=0, atol=1e-5)
+    previous = F.normalize(torch.randn(7, 16, generator=generator), dim=1)
+    centroids = moved.centroids(previous)
+    torch.testing.assert_close(centroids, recounted.centroids(previous), rtol=0, atol=1e-6)
+    assert torch.equal(centroids[6], previous[6])  # emptied: keeps its centroid despite the float residue
+
+
+def test_unit_rows_are_used_without_a_copy_and_others_are_normalised() -> None:
+    unit = F.normalize(torch.randn(50, 8), dim=1)
+    assert kmeans._unit_rows(unit) is unit
+    raw = 3.0 * unit
+    raw[4] = 0.0
+    scaled = kmeans._unit_rows(raw)
+    torch.testing.assert_close(scaled[:4], unit[:4])
+    assert torch.equal(scaled[4], torch.zeros(8)) and raw[0].norm() > 2  # zero rows stay zero; input untouched
