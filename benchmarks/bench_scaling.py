@@ -11,6 +11,8 @@ Parts (``--part``, default ``slices``; ``all`` runs both):
     * ``deformable``: the aggregator alone (``SliceAggregator``, JointSSL's default f_inter: d_model, 4 layers,
       8 heads, FFN 720, ``input_norm="volume"``) forward + backward over ``2 x --volumes`` sequences of N random
       tokens (loss: mean of the squared tokens, gradient also to the input tokens, as in the step);
+    * ``unbounded``: the same module with ``max_points=None``, ceil(N / 4) keys per query (the aggregator before
+      ``deformable_max_points``; the default bound, 64, only differs beyond 256 slices);
     * ``sdpa``: the same module (same weights, norms, FFN, input normalisation) with each layer's deformable
       attention replaced by full multi-head attention through ``torch.nn.functional.scaled_dot_product_attention``
       on the same query/key/value/output projections: every query attends to all N tokens.
@@ -67,8 +69,8 @@ import bench_joint_step as bjs  # noqa: E402
 from jointssl.models.aggregator import SliceAggregator  # noqa: E402
 from jointssl.models.volume_encoder import AggregatorConfig  # noqa: E402
 
-VARIANTS = ("joint", "joint ckpt", "deformable", "sdpa")
-AGGREGATOR_VARIANTS = ("deformable", "sdpa")
+VARIANTS = ("joint", "joint ckpt", "deformable", "unbounded", "sdpa")
+AGGREGATOR_VARIANTS = ("deformable", "unbounded", "sdpa")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,10 +150,15 @@ class SDPAAttention(nn.Module):
 def build_aggregators(d_model: int, seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     deformable: SliceAggregator = AggregatorConfig().build(d_model)  # JointSSL's default f_inter
+    # The same weights (max_points has no parameters) with ceil(N / downsample) keys per query: the aggregator
+    # as it was before deformable_max_points.
+    unbounded = copy.deepcopy(deformable)
+    for layer in unbounded.layers:
+        layer.attention.max_points = None
     sdpa = copy.deepcopy(deformable)
     for layer in sdpa.layers:
         layer.attention = SDPAAttention(layer.attention)
-    return {"deformable": deformable.train(), "sdpa": sdpa.train()}
+    return {"deformable": deformable.train(), "unbounded": unbounded.train(), "sdpa": sdpa.train()}
 
 
 def aggregator_step(aggregator: nn.Module, tokens: Tensor) -> None:
@@ -342,7 +349,7 @@ def plot_slices(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
 
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"joint": "o-", "joint ckpt": "s-", "deformable": "^-", "sdpa": "v-"}
+    styles = {"joint": "o-", "joint ckpt": "s-", "deformable": "^-", "unbounded": "<--", "sdpa": "v-"}
     if "time_median_s" in result:
         ax = axes[0]
         med = result["time_median_s"]["cpu"]

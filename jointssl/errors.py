@@ -59,7 +59,8 @@ def check_ranges(
 ) -> None:
     """Range checks of constructor arguments by name (``values``: e.g. the hyper-parameters): ``positive`` > 0,
     ``non_negative`` >= 0, ``unit_interval`` in [0, 1]. A list value (e.g. ``num_prototypes: [3000]``) must be
-    non-empty and each element must satisfy the rule. Raises :class:`ConfigError` naming the first bad option."""
+    non-empty and each element must satisfy the rule; None (an optional option left unset) passes. Raises
+    :class:`ConfigError` naming the first bad option."""
     rules = (
         (positive, lambda x: x > 0, "> 0"),
         (non_negative, lambda x: x >= 0, ">= 0"),
@@ -68,6 +69,8 @@ def check_ranges(
     for names, ok, requirement in rules:
         for name in names:
             value = values[name]
+            if value is None:  # an optional option left unset (its type, checked by jsonargparse, allows None)
+                continue
             if isinstance(value, (list, tuple)):
                 require(len(value) > 0 and all(ok(v) for v in value), owner, name,
                         f"a non-empty list of values {requirement}", value)

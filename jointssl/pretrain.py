@@ -87,6 +87,8 @@ class JointSSL(LightningModule):
         aggregator_dropout: f_inter dropout.
         deformable_downsample: one deformable reference point per this many slices.
         deformable_offset_scale: bound of the learned offsets (in reference spacings, see DeformableSliceAttention).
+        deformable_max_points: most deformable keys per query, so that f_inter's cost stays linear in the slices
+            (None: one per ``deformable_downsample`` slices, quadratic); 64 changes nothing up to 256 slices.
         aggregator_input_norm: "volume": f_inter's tokens are per-volume standardised slice embeddings plus a
             batch-normalised volume context, and L_mask predicts the standardised embeddings (so predicting the
             visible slices' mean scores L_mask = 1 x their spread); "none": raw slice embeddings in and as targets
@@ -160,6 +162,7 @@ class JointSSL(LightningModule):
         aggregator_dropout: float = 0.1,
         deformable_downsample: int = 4,
         deformable_offset_scale: float = 2.0,
+        deformable_max_points: int | None = 64,
         aggregator_input_norm: Literal["volume", "none"] = "volume",
         freeze: list[str] = [],  # noqa: B006
         init_from: str | None = None,
@@ -191,7 +194,7 @@ class JointSSL(LightningModule):
             positive=("d_model", "projection_dim", "num_prototypes", "num_prototypes_3d", "temperature",
                       "sinkhorn_epsilon", "sinkhorn_iterations", "kmeans_iterations", "intra_slices_per_volume",
                       "mask_span", "aggregator_layers", "aggregator_heads", "aggregator_ffn_dim",
-                      "deformable_downsample", "base_lr", "lr_reference_batch_size", "max_consecutive_bad_steps"),
+                      "deformable_downsample", "deformable_max_points", "base_lr", "lr_reference_batch_size", "max_consecutive_bad_steps"),
             non_negative=("projection_hidden_dim", "queue_length", "queue_length_3d", "queue_start_epoch",
                           "freeze_prototypes_steps", "deformable_offset_scale", "slice_chunk_size", "warmup_epochs",
                           "weight_decay", "momentum", "lars_trust_coefficient"),

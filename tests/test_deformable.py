@@ -11,6 +11,7 @@ from jointssl.models.deformable import (
     DeformableSliceAttention,
     interpolate_along_slices,
     lengths_from_padding_mask,
+    num_reference_points,
     reference_positions,
 )
 
@@ -53,6 +54,36 @@ def test_reference_points_cover_each_real_extent_uniformly():
         if used.numel() > 1:
             assert torch.allclose(used.diff(), spacing[row].expand(used.numel() - 1))
     assert positions[2, 0] == 0.0 and positions[3, 0] == 0.5
+
+
+def test_max_points_bounds_the_keys_per_query_and_widens_the_cells():
+    lengths = torch.tensor([37, 8, 1])
+    num_points = num_reference_points(37, downsample=4, max_points=4)
+    assert num_points == 4 and num_reference_points(37, 4, None) == 10 and num_reference_points(8, 4, 4) == 2
+    positions, valid, spacing = reference_positions(lengths, num_points, downsample=4, max_points=4)
+    assert valid.sum(dim=1).tolist() == [4, 2, 1]
+    assert spacing.tolist() == [37 / 4, 4.0, 1.0]
+    used = positions[0, valid[0]]
+    assert torch.allclose(used + used.flip(0), torch.full_like(used, 36.0))
+
+
+def test_max_points_changes_nothing_up_to_its_length_and_keeps_padding_invariance():
+    unbounded, bounded = make_attention().eval(), make_attention(max_points=3).eval()
+    x = torch.randn(2, 12, D_MODEL)
+    with torch.no_grad():
+        # 12 slices / downsample 4 = 3 points: the bound is not reached.
+        torch.testing.assert_close(bounded(x), unbounded(x), rtol=0, atol=0)
+        long = torch.randn(2, 40, D_MODEL)
+        positions, valid = bounded.sample_positions(bounded._split_heads(bounded.query(long)), torch.tensor([40, 40]))
+        assert positions.shape[-1] == 3 and bool(valid.all())
+        # A shorter sequence padded into the batch gives what it gives alone, bound or not.
+        padding_mask = torch.zeros(2, 40, dtype=torch.bool)
+        padding_mask[0, 25:] = True
+        together = bounded(long, padding_mask)
+        alone = bounded(long[:1, :25])
+    torch.testing.assert_close(together[0, :25], alone[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="max_points"):
+        make_attention(max_points=0)
 
 
 def test_interpolation_is_linear_and_never_reads_past_the_last_real_slice():

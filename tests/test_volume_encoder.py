@@ -129,21 +129,25 @@ def test_aggregator_config_from_pretrain_hparams() -> None:
     hparams = {
         "aggregator_layers": 2, "aggregator_heads": 4, "aggregator_ffn_dim": 64, "aggregator_dropout": 0.2,
         "deformable_downsample": 3, "deformable_offset_scale": 1.5, "aggregator_input_norm": "volume",
-        "backbone": "test_resnet",
+        "deformable_max_points": 16, "backbone": "test_resnet",
     }
     config = AggregatorConfig.from_pretrain_hparams(hparams)
-    assert config == AggregatorConfig(2, 4, 64, 0.2, 3, 1.5, "volume")
-    # Checkpoints written before input_norm existed were made with raw slice embeddings.
-    old = {k: v for k, v in hparams.items() if k != "aggregator_input_norm"}
+    assert config == AggregatorConfig(2, 4, 64, 0.2, 3, 1.5, "volume", 16)
+    # Checkpoints written before input_norm existed were made with raw slice embeddings, and those written
+    # before max_points with ceil(N / downsample) keys per query.
+    old = {k: v for k, v in hparams.items() if k not in ("aggregator_input_norm", "deformable_max_points")}
     assert AggregatorConfig.from_pretrain_hparams(old).input_norm == "none"
+    assert AggregatorConfig.from_pretrain_hparams(old).max_points is None
     with pytest.raises(KeyError, match="aggregator_heads"):  # the missing names are the error's argument
         AggregatorConfig.from_pretrain_hparams({k: v for k, v in hparams.items() if k != "aggregator_heads"})
     # Round trip through the exported form, also from an export written before input_norm.
     assert AggregatorConfig.from_dict(config.asdict()) == config
-    legacy = {k: v for k, v in config.asdict().items() if k != "input_norm"}
+    legacy = {k: v for k, v in config.asdict().items() if k not in ("input_norm", "max_points")}
     assert AggregatorConfig.from_dict(legacy).input_norm == "none"
+    assert AggregatorConfig.from_dict(legacy).max_points is None
     aggregator = config.build(D_MODEL)
     assert len(aggregator.layers) == 2 and aggregator.input_norm == "volume"
+    assert all(layer.attention.max_points == 16 for layer in aggregator.layers)
 
 
 def test_jointssl_defaults_describe_the_default_aggregator() -> None:

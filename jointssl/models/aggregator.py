@@ -35,12 +35,20 @@ class DeformableTransformerLayer(nn.Module):
     """Pre-norm encoder layer: x + Dropout(Attn(LN(x))), then x + Dropout(FFN(LN(x))) with a GELU FFN."""
 
     def __init__(
-        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, downsample: int, offset_scale: float
+        self,
+        d_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        downsample: int,
+        offset_scale: float,
+        max_points: int | None = None,
     ) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(d_model)
         self.attention = DeformableSliceAttention(
-            d_model, num_heads, downsample=downsample, offset_scale=offset_scale, dropout=dropout
+            d_model, num_heads, downsample=downsample, offset_scale=offset_scale, dropout=dropout,
+            max_points=max_points,
         )
         self.attention_dropout = nn.Dropout(dropout)
         self.ffn_norm = nn.LayerNorm(d_model)
@@ -105,7 +113,7 @@ class SliceAggregator(nn.Module):
     Args:
         d_model: slice-embedding width (640 in the paper).
         num_layers, num_heads, ffn_dim, dropout: transformer size (4, 8, 720, 0.1 in the paper).
-        downsample, offset_scale: deformable attention settings (see ``DeformableSliceAttention``).
+        downsample, offset_scale, max_points: deformable attention settings (see ``DeformableSliceAttention``).
         input_norm: "volume": tokens are per-volume standardised slice embeddings plus a batch-normalised volume
             context (module docstring); "none": the slice embeddings as they are (the paper's aggregator, and what
             checkpoints written before this option hold).
@@ -121,6 +129,7 @@ class SliceAggregator(nn.Module):
         downsample: int = 4,
         offset_scale: float = 2.0,
         input_norm: Literal["volume", "none"] = "volume",
+        max_points: int | None = 64,
     ) -> None:
         super().__init__()
         if input_norm not in ("volume", "none"):
@@ -131,7 +140,7 @@ class SliceAggregator(nn.Module):
             self.context_norm = _VolumeContextNorm(d_model)
             self.context = nn.Linear(d_model, d_model)
         self.layers = nn.ModuleList(
-            DeformableTransformerLayer(d_model, num_heads, ffn_dim, dropout, downsample, offset_scale)
+            DeformableTransformerLayer(d_model, num_heads, ffn_dim, dropout, downsample, offset_scale, max_points)
             for _ in range(num_layers)
         )
         # Pre-norm layers leave an un-normalised residual stream; normalise it once for pooling and decoding.

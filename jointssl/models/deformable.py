@@ -3,11 +3,15 @@
 The tokens are the N slice embeddings of a volume, in slice order. Every query attends to a small set of keys
 and values that are *sampled* from the sequence rather than to all N slices:
 
-1. Reference points. A sequence with ``n`` real slices gets ``M_n = ceil(n / downsample)`` reference points at
-   the centres of ``M_n`` equal cells covering its real extent: ``r_j = (j + 0.5) * n / M_n - 0.5`` (slice
-   units, slice i sits at position i). A batch holds ``M = ceil(N / downsample)`` slots per sequence; the
-   slots a shorter sequence does not use are masked out of the softmax, so a sequence gives the same result
-   padded or alone.
+1. Reference points. A sequence with ``n`` real slices gets ``M_n = min(ceil(n / downsample), max_points)``
+   reference points at the centres of ``M_n`` equal cells covering its real extent:
+   ``r_j = (j + 0.5) * n / M_n - 0.5`` (slice units, slice i sits at position i). A batch holds
+   ``M = min(ceil(N / downsample), max_points)`` slots per sequence; the slots a shorter sequence does not use
+   are masked out of the softmax, so a sequence gives the same result padded or alone. ``max_points`` makes the
+   attention linear in N: without it every one of the N queries attends to N / downsample keys, O(N^2)
+   (measured in benchmarks/bench_scaling.py: exponent 1.17 from 256 to 512 slices); beyond
+   ``downsample * max_points`` slices the cells widen instead (DAT and Deformable DETR likewise keep a fixed
+   number of sampled keys per query).
 2. Offsets. Per head, the query features (the head's channel group) go through a depthwise Conv1d along the
    slice axis, LayerNorm, GELU and a pointwise projection to one offset logit per slice (the network is shared
    by the heads, as in DAT). The logit field is read at the reference points by linear interpolation (DAT
@@ -81,21 +85,35 @@ def interpolate_along_slices(features: Tensor, positions: Tensor, last_index: Te
     return interpolated.to(features.dtype)
 
 
+def num_reference_points(num_slices: int, downsample: int, max_points: int | None) -> int:
+    """Reference points of a sequence of ``num_slices`` slices: ``min(ceil(n / downsample), max_points)``."""
+    points = math.ceil(num_slices / downsample)
+    return points if max_points is None else min(points, max_points)
+
+
 def reference_positions(
-    lengths: Tensor, num_points: int, downsample: int, dtype: torch.dtype = torch.float32
+    lengths: Tensor,
+    num_points: int,
+    downsample: int,
+    dtype: torch.dtype = torch.float32,
+    max_points: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Uniform reference points over each sequence's real extent.
 
     Args:
         lengths: real slices per sequence [B] (long, >= 1).
-        num_points: slots per sequence, ``ceil(N / downsample)`` for the padded length N.
+        num_points: slots per sequence, ``num_reference_points(N, downsample, max_points)`` for the padded
+            length N.
         downsample: slices per reference point.
+        max_points: most reference points of a sequence (None: no bound).
 
     Returns:
         positions [B, M] (cell centres in slice units; unused slots hold 0), valid [B, M] (slot in use),
-        spacing [B] (slices per reference cell, ``n / ceil(n / downsample)``).
+        spacing [B] (slices per reference cell, ``n / M_n``).
     """
     points_per_sequence = (lengths + downsample - 1) // downsample
+    if max_points is not None:
+        points_per_sequence = points_per_sequence.clamp(max=max_points)
     spacing = lengths.to(dtype) / points_per_sequence.to(dtype)
     slot = torch.arange(num_points, device=lengths.device)
     valid = slot[None, :] < points_per_sequence[:, None]
@@ -166,6 +184,8 @@ class DeformableSliceAttention(nn.Module):
         d_model: token width; divisible by ``num_heads``.
         num_heads: attention heads; each samples its own key positions.
         downsample: slices per reference point (``ceil(n / downsample)`` keys per query).
+        max_points: most keys per query (None: no bound, the cost is then quadratic in the slices); longer
+            sequences get wider reference cells.
         offset_scale: DAT's offset range factor; offsets are bounded by ``offset_scale / 2`` reference
             spacings.
         dropout: dropout on the attention weights (the residual dropout belongs to the transformer layer).
@@ -180,18 +200,22 @@ class DeformableSliceAttention(nn.Module):
         offset_scale: float = 2.0,
         dropout: float = 0.0,
         offset_kernel_size: int = 5,
+        max_points: int | None = None,
     ) -> None:
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
         if downsample < 1:
             raise ValueError(f"downsample must be >= 1, got {downsample}")
+        if max_points is not None and max_points < 1:
+            raise ValueError(f"max_points must be >= 1 or None, got {max_points}")
         if offset_scale < 0:
             raise ValueError(f"offset_scale must be >= 0, got {offset_scale}")
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.downsample = downsample
+        self.max_points = max_points
         self.offset_scale = offset_scale
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
@@ -210,9 +234,11 @@ class DeformableSliceAttention(nn.Module):
         [B, M], from the head-split queries [B, H, N, C] whose padded slices are zero."""
         batch, heads, num_slices, _ = queries.shape
         position_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
-        num_points = math.ceil(num_slices / self.downsample)
+        num_points = num_reference_points(num_slices, self.downsample, self.max_points)
         last_index = lengths - 1
-        references, valid, spacing = reference_positions(lengths, num_points, self.downsample, position_dtype)
+        references, valid, spacing = reference_positions(
+            lengths, num_points, self.downsample, position_dtype, self.max_points
+        )
         references = references[:, None, :].expand(batch, heads, num_points)
         # Positions stay in float32: in bfloat16, slice indices above 32 are quantised to a quarter slice.
         offset_field = self.offset_network(queries).to(position_dtype).unsqueeze(-1)

@@ -35,6 +35,8 @@ class AggregatorConfig:
         downsample: one deformable reference point per this many slices.
         offset_scale: bound of the learned offsets, in reference spacings.
         input_norm: "volume" (per-volume standardised tokens + volume context) or "none" (raw slice embeddings).
+        max_points: most deformable keys per query (None: ceil(N / downsample), quadratic in N); the default 64
+            changes nothing up to 256 slices and keeps the cost linear beyond.
     """
 
     num_layers: int = 4
@@ -44,6 +46,7 @@ class AggregatorConfig:
     downsample: int = 4
     offset_scale: float = 2.0
     input_norm: Literal["volume", "none"] = "volume"
+    max_points: int | None = 64
 
     #: JointSSL hyper-parameter name of each field.
     PRETRAIN_HPARAMS = {
@@ -54,9 +57,10 @@ class AggregatorConfig:
         "downsample": "deformable_downsample",
         "offset_scale": "deformable_offset_scale",
         "input_norm": "aggregator_input_norm",
+        "max_points": "deformable_max_points",
     }
     #: Fields that came later, with the value that checkpoints and exports written before them imply.
-    ADDED_LATER = {"input_norm": "none"}
+    ADDED_LATER = {"input_norm": "none", "max_points": None}
 
     @classmethod
     def from_pretrain_hparams(cls, hparams: Mapping[str, Any]) -> AggregatorConfig:
