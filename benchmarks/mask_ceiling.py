@@ -11,7 +11,10 @@ num_slices consecutive slices):
 - ``shrunk interpolation``: a * interpolation, ``a`` fitted by least squares on the training volumes;
 - ``learned interpolation``: least squares over the training volumes, shared by all embedding dimensions, of the
   residual on [interpolation, 2 nearest visible slices on each side, the same times the relative position] (a
-  fitted higher-order interpolation: cubic interpolation is one point of this family).
+  fitted higher-order interpolation: cubic interpolation is one point of this family);
+- ``ridge, all dimensions``: the same 9 context vectors, but every embedding dimension of the residual predicted
+  from every dimension of them (a [9 D] -> [D] ridge regression; the penalty chosen on a quarter of the training
+  windows held out from the fit, then refitted on all): what any linear map of the nearby visible slices gains.
 
 Each is reported as R^2 against linear interpolation on the held-out windows (> 0: better than interpolation).
 
@@ -86,6 +89,50 @@ def context_features(target: Tensor, mask: Tensor, interpolation: Tensor) -> tup
     return torch.cat(features), torch.cat(residuals)
 
 
+def ridge_residual_predictor(train: list, penalties: tuple[float, ...] = (1e-1, 1e0, 1e1, 1e2, 1e3, 1e4)):
+    """Fit [9 D] context -> [D] residual by ridge regression on the training views; returns predict(views)."""
+
+    def design(views: list) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for m, t, i, _ in views:
+            x, y = context_features(t, m, i)
+            dim = t.shape[-1]
+            xs.append(x.view(-1, dim, x.shape[-1]).transpose(1, 2).reshape(-1, x.shape[-1] * dim))
+            ys.append(y.view(-1, dim))
+        return torch.cat(xs).double(), torch.cat(ys).double()
+
+    def fit(x: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor]:
+        mean_x, mean_y = x.mean(0), y.mean(0)
+        xc = x - mean_x
+        gram = xc.T @ xc + penalty * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype)
+        return torch.linalg.solve(gram, xc.T @ (y - mean_y)), mean_x, mean_y
+
+    # Penalty chosen on the last quarter of the training windows (whole windows: the same mask draws' rows).
+    windows = train[0][0].shape[0]
+    cut = windows - max(1, windows // 4)
+    fit_views = [(m[:cut], t[:cut], i[:cut], p[:cut]) for m, t, i, p in train]
+    check_views = [(m[cut:], t[cut:], i[cut:], p[cut:]) for m, t, i, p in train]
+    x_fit, y_fit = design(fit_views)
+    x_check, y_check = design(check_views)
+    errors = {}
+    for penalty in penalties:
+        w, mx, my = fit(x_fit, y_fit, penalty)
+        errors[penalty] = float((((x_check - mx) @ w + my - y_check) ** 2).mean())
+    best = min(errors, key=errors.get)
+    w, mx, my = fit(*design(train), best)
+
+    def predict(views: list) -> list[Tensor]:
+        out = []
+        for m, t, i, _ in views:
+            x, _ = design([(m, t, i, None)])
+            prediction = i.clone()
+            prediction[m] = i[m] + ((x - mx) @ w + my).float()
+            out.append(prediction)
+        return out
+
+    return predict, best
+
+
 def r2_against_interpolation(predictions: list[Tensor], views: list) -> float:
     error = sum(((p - t) ** 2)[m].sum() for p, (m, t, _, _) in zip(predictions, views))
     baseline = sum(((i - t) ** 2)[m].sum() for m, t, i, _ in views)
@@ -102,10 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window-step", type=int, default=4, help="slices between window starts")
     parser.add_argument("--repeats", type=int, default=4, help="mask draws per window")
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the checkpoint's architecture with random weights (seed 0): the ceiling before training")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = JointSSL.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    if args.random_init:
+        torch.manual_seed(0)
+        model = JointSSL(**{k: v for k, v in model.hparams.items() if k != "init_from"}).eval()
     num_slices = args.num_slices
     train = masked_views(model, slice_windows(model, read_paths(args.train_volumes), num_slices, args.volume_size,
                                               args.window_step), args.repeats)
@@ -125,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         prediction = i.clone()
         prediction[m] = i[m] + (x @ weights).view(-1, t.shape[-1])
         learned.append(prediction)
+    ridge, penalty = ridge_residual_predictor(train)
     report = {
         "checkpoint": args.checkpoint,
+        "random_init": args.random_init,
         "num_slices": num_slices,
         "mask_ratio": float(model.hparams.mask_ratio),
         "mask_span": int(model.hparams.mask_span),
@@ -138,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"shrunk interpolation (a={shrink:.3f})": r2_against_interpolation([shrink * i for _, _, i, _ in test],
                                                                                 test),
             "learned interpolation": r2_against_interpolation(learned, test),
+            f"ridge, all dimensions (penalty {penalty:g})": r2_against_interpolation(ridge(test), test),
         },
     }
     print(f"{args.checkpoint}: {report['test_windows']} held-out windows of {num_slices} slices "
