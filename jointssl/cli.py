@@ -380,8 +380,12 @@ def _helper_epilog() -> str:
     return "other commands (each has its own --help):\n" + "\n".join(lines)
 
 
+#: How the command line's log records look on stderr.
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
 def main(args: ArgsType = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # MONAI announces on import that an optional GPU DICOM decoder is missing; jointssl does not use it.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     # Frozen and unused parts run in eval mode on purpose (their BatchNorm statistics must not drift; JointSSL logs

@@ -1,7 +1,12 @@
-"""Issue 14, classes 4, 5 and the configuration part of 7: every user error ends the real command line (run in a
-subprocess, as a user runs it) in one or a few lines naming the file or option and the reason, exit status 2, no
-traceback unless JOINTSSL_DEBUG=1 / --debug asks for one; a named pretrained file is the file loaded, or refused;
-the configuration is checked before any file is decoded. Every message is a row of docs/errors.md."""
+"""Issue 14, classes 4, 5 and the configuration part of 7: every user error ends the command line in one or a few
+lines naming the file or option and the reason, exit status 2, no traceback unless JOINTSSL_DEBUG=1 / --debug asks
+for one; a named pretrained file is the file loaded, or refused; the configuration is checked before any file is
+decoded. Every message is a row of docs/errors.md.
+
+The cases of `make test` call the console script's entry point, jointssl.cli.main, in this process (`cli`
+fixture: its exit status and what it wrote to the file descriptors 1 and 2), which saves an interpreter start-up
+(~10 s) per case; the `slow` ones run it in a fresh interpreter as a user does (`run_cli`), and so do
+tests/test_untrusted.py's and tests/test_pretrain.py's console tests in `make test`."""
 
 from __future__ import annotations
 
@@ -31,13 +36,49 @@ MAX_MESSAGE_LINES = 5
 MAX_STDERR_LINES = 12
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, script: Path | None = None):
-    """`jointssl ARGS` in a fresh interpreter (or `python SCRIPT ARGS`), as a user runs it."""
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    """`jointssl ARGS` in a fresh interpreter, as a user runs it."""
     environment = {key: value for key, value in os.environ.items() if key != "JOINTSSL_DEBUG"}
     environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})})
-    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "jointssl.cli"]
-    return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "jointssl.cli", *args], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=300, errors="backslashreplace")
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """`jointssl ARGS` through jointssl.cli.main in this process: a CompletedProcess with its exit status (0, or
+    SystemExit's code) and the bytes written to stdout and stderr meanwhile. The environment (seeding writes
+    PL_GLOBAL_SEED) and the working directory are restored afterwards; an exception other than SystemExit
+    propagates, as a traceback would end the real command."""
+    from jointssl.cli import LOG_FORMAT, main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        environment = dict(os.environ)
+        monkeypatch.chdir(cwd)
+        monkeypatch.delenv("JOINTSSL_DEBUG", raising=False)
+        # main's logging.basicConfig does nothing under pytest (whose capture handlers sit on the root logger):
+        # the records go to stderr as they would from the console script.
+        root = logging.getLogger()
+        handler, level = logging.StreamHandler(sys.stderr), root.level
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        capfd.readouterr()
+        try:
+            main(list(args))
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(level)
+            for key in set(os.environ) - set(environment):
+                del os.environ[key]
+            os.environ.update(environment)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(list(args), status, out, err)
+
+    return run
 
 
 def user_error(result: subprocess.CompletedProcess, command: str, *named: str) -> str:
@@ -95,17 +136,17 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, pretrained_checkpoint: P
     return root
 
 
-def fit_pretrained(workspace: Path, pretrained: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("fit", "--config", "downstream.yaml", f"--model.init_args.pretrained={pretrained}", *extra,
-                   cwd=workspace)
+def fit_pretrained(workspace: Path, pretrained: Path, *extra: str, runner=run_cli) -> subprocess.CompletedProcess:
+    return runner("fit", "--config", "downstream.yaml", f"--model.init_args.pretrained={pretrained}", *extra,
+                  cwd=workspace)
 
 
-def fit(workspace: Path, *extra: str, env: dict[str, str] | None = None, script: Path | None = None):
-    return run_cli("fit", "--config", "pretrain.yaml", *extra, cwd=workspace, env=env, script=script)
+def fit(workspace: Path, *extra: str, env: dict[str, str] | None = None, runner=run_cli):
+    return runner("fit", "--config", "pretrain.yaml", *extra, cwd=workspace, **({"env": env} if env else {}))
 
 
 # ------------------------------------------------------------------------- class 4: the named file is loaded
-def test_a_named_safetensors_file_is_the_file_loaded(workspace: Path, tmp_path: Path) -> None:
+def test_a_named_safetensors_file_is_the_file_loaded(workspace: Path, tmp_path: Path, cli) -> None:
     exported = load_file(str(workspace / "exp" / EXPORT_WEIGHTS))
     finetuned = {key: value + 1 if value.is_floating_point() else value for key, value in exported.items()}
     named = workspace / "exp" / "my_finetuned.safetensors"
@@ -116,11 +157,11 @@ def test_a_named_safetensors_file_is_the_file_loaded(workspace: Path, tmp_path: 
     for key, value in weights.encoder.items():
         assert torch.equal(value, finetuned[f"encoder.{key}"]), key
     # What the command line loads and says it loaded: that file (exported again, its tensors come back).
-    result = run_cli("export", "--checkpoint", str(named), "--output", str(tmp_path / "again"), cwd=workspace)
+    result = cli("export", "--checkpoint", str(named), "--output", str(tmp_path / "again"), cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     again = load_file(str(tmp_path / "again" / EXPORT_WEIGHTS))
     assert all(torch.equal(again[key], finetuned[key]) for key in finetuned)
-    result = fit_pretrained(workspace, named)
+    result = fit_pretrained(workspace, named, runner=cli)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_documented("pretrained-named-file", result.stderr)
 
@@ -172,10 +213,10 @@ def test_pretrained_paths_that_cannot_be_loaded(workspace: Path, pretrained_chec
 
 
 # ------------------------------------------------------------------------------ class 5: export
-def test_export_to_an_existing_file_leaves_it_untouched(workspace: Path, pretrained_checkpoint: Path) -> None:
+def test_export_to_an_existing_file_leaves_it_untouched(workspace: Path, pretrained_checkpoint: Path, cli) -> None:
     target = workspace / "existing_file"
     target.write_text("keep me\n")
-    message = user_error(run_cli("export", "--checkpoint", str(pretrained_checkpoint), "--output", str(target),
+    message = user_error(cli("export", "--checkpoint", str(pretrained_checkpoint), "--output", str(target),
                                  cwd=workspace), "export", str(target))
     assert target.read_text() == "keep me\n"
     assert_documented("export-output-is-file", message)
@@ -220,41 +261,32 @@ def test_check_data_prints_a_non_utf8_name_under_a_utf8_locale(workspace: Path, 
 
 
 # ------------------------------------------------------------------------------ class 5: checkpoints
-FULL_DISK = r'''
-"""`jointssl ARGS` whose checkpoint writes go to /dev/full: the kernel answers ENOSPC, as a full disk does."""
-import builtins
-import sys
-
-import jointssl.checkpointing as checkpointing
-from jointssl.cli import main
-
-real_open = builtins.open
-
-
-def open_on_full_disk(file, mode="r", *args, **kwargs):
-    if str(file).endswith(checkpointing.PARTIAL_SUFFIX) and "w" in mode:
-        return real_open("/dev/full", mode, *args, **kwargs)
-    return real_open(file, mode, *args, **kwargs)
-
-
-checkpointing.open = open_on_full_disk
-main(sys.argv[1:])
-'''
-
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_full_disk_when_saving_a_checkpoint(workspace: Path, tmp_path: Path) -> None:
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK)
+def test_a_full_disk_when_saving_a_checkpoint(workspace: Path, tmp_path: Path, cli,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoint writes go to /dev/full: the kernel answers ENOSPC, as a full disk does."""
+    import builtins
+
+    import jointssl.checkpointing as checkpointing
+
+    real_open = builtins.open
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith(checkpointing.PARTIAL_SUFFIX) and "w" in mode:
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "open", open_on_full_disk, raising=False)
     experiment = tmp_path / "full"
-    result = fit(workspace, f"--trainer.default_root_dir={experiment}", script=script)
+    result = fit(workspace, f"--trainer.default_root_dir={experiment}", runner=cli)
     message = user_error(result, "fit", str(experiment / "checkpoints"), "No space left on device")
     assert_documented("checkpoint-disk-full", message)
     assert not list((experiment / "checkpoints").iterdir())  # no checkpoint, no partial file left behind
 
 
-def resume(workspace: Path, experiment: Path, *extra: str, env: dict[str, str] | None = None):
-    return fit(workspace, f"--trainer.default_root_dir={experiment}", "--ckpt_path", "last", *extra, env=env)
+def resume(workspace: Path, experiment: Path, *extra: str, env: dict[str, str] | None = None, runner=run_cli):
+    return fit(workspace, f"--trainer.default_root_dir={experiment}", "--ckpt_path", "last", *extra, env=env,
+               runner=runner)
 
 
 @pytest.mark.slow  # a CLI subprocess (~10 s of start-up each): `make test-all`
@@ -295,11 +327,11 @@ def test_resuming_from_a_checkpoint_with_pickled_objects(workspace: Path, tmp_pa
 
 
 def test_resuming_with_another_backbone_names_both(workspace: Path, tmp_path: Path,
-                                                   pretrained_checkpoint: Path) -> None:
+                                                   pretrained_checkpoint: Path, cli) -> None:
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(pretrained_checkpoint.read_bytes())
-    message = user_error(resume(workspace, tmp_path, "--model.init_args.backbone=resnet10t"), "fit", str(last),
+    message = user_error(resume(workspace, tmp_path, "--model.init_args.backbone=resnet10t", runner=cli), "fit", str(last),
                          "test_resnet", "resnet10t")
     assert_documented("resume-other-backbone", message)
 
@@ -311,9 +343,10 @@ def test_resuming_with_another_backbone_names_both(workspace: Path, tmp_path: Pa
     ("config-one-global-crop", "--data.init_args.num_global_crops=1", "num_global_crops"),
 ])
 def test_config_values_out_of_range_are_one_line_naming_the_option(workspace: Path, tmp_path: Path, case: str,
-                                                                   override: str, option: str) -> None:
+                                                                   override: str, option: str, cli) -> None:
     experiment = tmp_path / "run"
-    message = user_error(fit(workspace, override, f"--trainer.default_root_dir={experiment}"), "fit", option)
+    message = user_error(fit(workspace, override, f"--trainer.default_root_dir={experiment}", runner=cli), "fit",
+                         option)
     assert "Union" not in message
     if case == "config-negative-batch-size":
         assert_documented("config-negative-batch-size", message)
