@@ -40,8 +40,8 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
     """`jointssl ARGS` in a fresh interpreter, as a user runs it."""
     environment = {key: value for key, value in os.environ.items() if key != "JOINTSSL_DEBUG"}
     environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})})
-    return subprocess.run([sys.executable, "-m", "jointssl.cli", *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=300, errors="backslashreplace")
+    return subprocess.run([sys.executable, "-m", "jointssl.cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300, errors="backslashreplace")
 
 
 @pytest.fixture
@@ -217,7 +217,7 @@ def test_export_to_an_existing_file_leaves_it_untouched(workspace: Path, pretrai
     target = workspace / "existing_file"
     target.write_text("keep me\n")
     message = user_error(cli("export", "--checkpoint", str(pretrained_checkpoint), "--output", str(target),
-                                 cwd=workspace), "export", str(target))
+                             cwd=workspace), "export", str(target))
     assert target.read_text() == "keep me\n"
     assert_documented("export-output-is-file", message)
 
@@ -331,8 +331,8 @@ def test_resuming_with_another_backbone_names_both(workspace: Path, tmp_path: Pa
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(pretrained_checkpoint.read_bytes())
-    message = user_error(resume(workspace, tmp_path, "--model.init_args.backbone=resnet10t", runner=cli), "fit", str(last),
-                         "test_resnet", "resnet10t")
+    message = user_error(resume(workspace, tmp_path, "--model.init_args.backbone=resnet10t", runner=cli), "fit",
+                         str(last), "test_resnet", "resnet10t")
     assert_documented("resume-other-backbone", message)
 
 

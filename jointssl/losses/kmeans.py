@@ -288,8 +288,9 @@ class _MemberSums:
         self.counts = like.new_zeros(num_clusters, dtype=torch.long)
 
     def recompute(self, points: Tensor, assignments: Tensor) -> None:
-        # index_add_ into a contiguous float32 tensor (into a column slice of a wider one, or in float64 from a
-        # float64 copy of every row, it is slower), then widened once.
+        # index_add_ into a contiguous float32 tensor (into a column slice of a wider one it is several times
+        # slower; from a float64 copy of every row 370 vs 47 ms at 300k x 128, K = 100, one thread), then widened
+        # once.
         num_clusters, dim = self.sums.shape
         self.sums.copy_(points.new_zeros((num_clusters, dim)).index_add_(0, assignments, points))
         self.counts.copy_(torch.bincount(assignments, minlength=num_clusters))
