@@ -37,6 +37,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 
+from jointssl.checkpointing import write_json
 from jointssl.cli import main as jointssl_main
 from jointssl.downstream import ImageClassificationData, ImageClassifier
 
@@ -175,7 +176,7 @@ def main() -> None:
             rows.append({"mode": mode, "init": init, **metrics})
             print(f"{mode:8s} {init:8s} " + json.dumps({k: round(v, 4) for k, v in metrics.items()}), flush=True)
 
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "split": counts, "rows": rows}, indent=2))
+    write_json(out / "results.json", {"args": vars(args), "split": counts, "rows": rows})
     header = "| mode | init | epochs | val AUROC | val accuracy | val F1 | seconds |"
     print("\n" + header + "\n|---|---|---:|---:|---:|---:|---:|")
     for row in rows:

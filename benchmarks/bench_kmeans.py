@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jointssl.checkpointing import write_json
 from jointssl.losses import spherical_kmeans
 from jointssl.losses.kmeans import DEFAULT_MEMORY_BUDGET_BYTES, _MemberSums, chunk_rows, scratch_bytes_per_row
 
@@ -210,8 +211,7 @@ def run_curve(args) -> dict:
             print(f"round {round_index + 1} N={n:>7} K={k:>4} i={iterations:>2}: {ratios}  "
                   f"peak {cell['peak_bytes'] / 2**20:.0f} MiB  load {cell['load'][-1]:.2f}", flush=True)
             if args.json:  # after every cell, so that an interrupted run leaves its measurements
-                with open(args.json, "w") as f:
-                    json.dump(summarise(cells, threads, args), f, indent=1)
+                write_json(args.json, summarise(cells, threads, args), indent=1)
     result = summarise(cells, threads, args)
     print_curve_table(result)
     return result

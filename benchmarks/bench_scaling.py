@@ -66,6 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import bench_joint_step as bjs  # noqa: E402
+from jointssl.checkpointing import write_json  # noqa: E402
 from jointssl.models.aggregator import SliceAggregator  # noqa: E402
 from jointssl.models.volume_encoder import AggregatorConfig  # noqa: E402
 
@@ -545,9 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["load_end"] = bjs.load_text()
     print(f"  load at end {bjs.load_text()}" + (f"; plots: {', '.join(plots)}" if plots else ""))
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, default=str))
+        write_json(args.output, result, indent=1, default=str)
     return result
 
 

@@ -40,6 +40,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from lightning.pytorch import Callback  # noqa: E402
 
+from jointssl.checkpointing import write_json  # noqa: E402
+
 LOCAL_CLUSTER = REPO_ROOT / "scripts" / "slurm" / "local_cluster.sh"
 # The settings .ci/run starts the local cluster with: requeued jobs eligible after 11 s, pending jobs looked at
 # every second.
@@ -65,7 +67,7 @@ class StepTimer(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         path = Path(f"{os.environ['JOINTSSL_STEP_TIMES']}.rank{trainer.global_rank}.json")
-        path.write_text(json.dumps({"wall": self.wall, "cpu": self.cpu}))
+        write_json(path, {"wall": self.wall, "cpu": self.cpu})
 
 
 # ---------------------------------------------------------------------------------------------- cluster

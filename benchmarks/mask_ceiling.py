@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 
 import torch
 from torch import Tensor
 
+from jointssl.checkpointing import write_json
 from jointssl.data.volume_io import VolumeRecord
 from jointssl.evaluation.inputs import preprocess_volume
 from jointssl.losses.masked import interpolate_masked_slices, random_slice_mask, visible_slices
@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in report["r2_vs_interpolation"].items():
         print(f"  {name:40s} {value:+.3f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.json, report)
     return report
 
 

@@ -6,7 +6,7 @@ file systems) and fsyncs the folder. A process killed at any moment therefore le
 checkpoint or the new one — never a truncated file. The temporary files of killed saves (``.<name>.<pid>.partial``)
 are not ``*.ckpt`` files, so Lightning's ``ckpt_path="last"`` never picks one; the next save of the same
 checkpoint deletes them. :func:`write_atomic` is the same rename for the project's other files (exports, reports,
-embeddings, the validation cache), written by any function.
+embeddings, the validation cache), written by any function; :func:`write_json` writes a JSON report through it.
 
 Its ``load_checkpoint`` reads with ``torch.load(weights_only=True)`` only: tensors and plain Python values, never
 arbitrary objects (a downloaded checkpoint cannot execute code). ``weights_only=False`` is refused.
@@ -25,6 +25,7 @@ jointssl.checkpointing.AtomicCheckpointIO``), or :func:`install_atomic_checkpoin
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pickle
@@ -177,6 +178,14 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         if failure is None:
             raise
         raise failure from error
+
+
+
+def write_json(path: str | os.PathLike[str], data: Any, indent: int | None = 2, default: Callable | None = None) -> None:
+    """``data`` as a JSON file (ending in a newline) through :func:`write_atomic`: the one way jointssl and its
+    benchmarks write a report, so that an interrupted run never leaves half a JSON document."""
+    text = json.dumps(data, indent=indent, default=default) + "\n"
+    write_atomic(Path(path), lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 #: What torch's weights-only unpickler says when a file holds an object it refuses to build.

@@ -25,7 +25,6 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -292,9 +291,7 @@ def embed_command(argv: Sequence[str]) -> None:
 def evaluate_command(argv: Sequence[str]) -> None:
     """`jointssl evaluate`: kNN and linear-probe accuracy of embeddings written by `jointssl embed` (see
     jointssl.evaluation.protocol)."""
-    import json
-
-    from jointssl.checkpointing import write_atomic
+    from jointssl.checkpointing import write_json
     from jointssl.evaluation import probes
     from jointssl.evaluation.protocol import evaluate, format_report
 
@@ -331,9 +328,7 @@ def evaluate_command(argv: Sequence[str]) -> None:
             temperature=options.temperature, probe_weight_decay=options.probe_weight_decay,
         )
         if options.report:
-            path = Path(options.report)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
+            write_json(options.report, report)
     except (ValueError, OSError) as error:
         parser.exit(2, f"jointssl evaluate: error: {_one_line(error)}\n")
     print(format_report(report), flush=True)

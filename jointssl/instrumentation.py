@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from jointssl.checkpointing import write_json
+
 #: Tensor methods that read a value to the host.
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__")
 #: torch.distributed calls counted as collectives (a call made inside another, e.g. all_gather_object's
@@ -114,11 +116,9 @@ class StepSyncCounter(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._uninstall()
         if self.output is not None:
-            path = Path(self.output.replace("{rank}", str(trainer.global_rank)))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(
-                {str(step): {f"{kind} {where}": n for (kind, where), n in counts.items()}
-                 for step, counts in self.steps.items()}, indent=1))
+            write_json(self.output.replace("{rank}", str(trainer.global_rank)),
+                       {str(step): {f"{kind} {where}": n for (kind, where), n in counts.items()}
+                        for step, counts in self.steps.items()}, indent=1)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._uninstall()

@@ -3,6 +3,7 @@ intact and loadable; leftovers of killed saves are never taken for checkpoints a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,16 @@ def test_write_atomic_replaces_whole_files_and_leaves_none_on_failure(tmp_path: 
         checkpointing.write_atomic(target, fail)
     assert target.read_text() == "first"  # the old content, whole
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary left behind
+
+
+def test_write_json_writes_the_whole_report_or_keeps_the_old_one(tmp_path: Path):
+    target = tmp_path / "reports" / "result.json"
+    checkpointing.write_json(target, {"auroc": 0.75, "rows": [1, 2]})
+    assert target.read_text() == '{\n  "auroc": 0.75,\n  "rows": [\n    1,\n    2\n  ]\n}\n'
+
+    with pytest.raises(TypeError):  # not JSON: refused before anything is written
+        checkpointing.write_json(target, {"tensor": torch.zeros(2)})
+    assert json.loads(target.read_text()) == {"auroc": 0.75, "rows": [1, 2]}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+    checkpointing.write_json(target, {"path": Path("a")}, indent=None, default=str)
+    assert target.read_text() == '{"path": "a"}\n'

@@ -33,7 +33,7 @@ import timm
 from safetensors.torch import save_file
 from torch import Tensor
 
-from jointssl.checkpointing import write_atomic
+from jointssl.checkpointing import write_atomic, write_json
 from jointssl.data.intensity import NORMALIZE_MEAN, NORMALIZE_STD
 from jointssl.errors import UserError
 from jointssl.downstream.pretrained import (
@@ -103,7 +103,7 @@ def export_pretrained(checkpoint: str | Path, output: str | Path, overwrite: boo
     # config.json last: a folder whose config is present has its weights complete.
     write_atomic(files.encoders, lambda path: _save_tensors(encoders_state, path))
     write_atomic(files.backbone, lambda path: _save_tensors(backbone_state, path))
-    write_atomic(files.config, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(files.config, config)
     log.info(
         "exported %s -> %s: %d encoder, %d aggregator, %d timm backbone tensors",
         checkpoint, folder, len(weights.encoder), len(weights.aggregator), len(backbone_state),

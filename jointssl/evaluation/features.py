@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import sys
@@ -39,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from jointssl.checkpointing import write_atomic
+from jointssl.checkpointing import write_atomic, write_json
 from jointssl.downstream.pretrained import EXPORT_WEIGHTS, PretrainedWeights, load_pretrained
 from jointssl.errors import UserError
 from jointssl.data.prediction_inputs import preprocess_image
@@ -270,7 +269,7 @@ def write_embedding(
     tensors = {name: tensor.detach().float().cpu().contiguous() for name, tensor in features.items()}
     write_atomic(folder / FEATURES_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     write_atomic(folder / ITEMS_FILE, write_items)
-    write_atomic(folder / META_FILE, lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(folder / META_FILE, meta)
 
 
 def _jointssl_version() -> str | None:
