@@ -334,6 +334,22 @@ def test_embed_then_evaluate_volumes_two_sources(tmp_path: Path, pretrained_chec
         assert report["test_fraction"] is None and report["dropped_unlabelled"] == 0
 
 
+def test_volume_labels_come_from_the_manifest_column_or_the_class_folder(tmp_path: Path) -> None:
+    from jointssl.evaluation.inputs import volumes_with_labels
+
+    for name in ("flair/p1.nii.gz", "flair/p2.nii.gz", "t1/p3.nii.gz"):  # discovery decodes nothing
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    manifest = tmp_path / "volumes.csv"
+    manifest.write_text("path,modality,label\nflair/p1.nii.gz,MR,FLAIR\nt1/p3.nii.gz,,\n")
+    from_manifest = volumes_with_labels([str(manifest)])
+    assert [(Path(r.path).name, r.modality, label) for r, label in from_manifest] == [
+        ("p1.nii.gz", "mr", "FLAIR"), ("p3.nii.gz", None, None)]
+    from_folder = volumes_with_labels([str(tmp_path)])
+    assert [(Path(r.path).name, label) for r, label in from_folder] == [
+        ("p1.nii.gz", "flair"), ("p2.nii.gz", "flair"), ("p3.nii.gz", "t1")]
+
+
 @pytest.mark.shared_data
 def test_embed_then_evaluate_real_slices(tmp_path: Path, pretrained_checkpoint: Path) -> None:
     """The 4 datasets of the real 2D slices, 20 slices per class at 32 px, split by scan (file name before

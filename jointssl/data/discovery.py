@@ -14,7 +14,7 @@ reason. DICOM media index files (``DICOMDIR``) are left out. Manifest columns: `
 Volumes: files with a volume suffix, and every folder that directly holds DICOM files (one series); files in 3D
 formats jointssl cannot read, folders named like volume files and folders that cannot be listed become records so
 that validation reports them; other files (.json sidecars, notes) are ignored and logged. Manifest columns:
-``path`` or ``image`` (required), ``modality`` (CT/MR/empty) and ``source`` (optional).
+``path`` or ``image`` (required), ``modality`` (CT/MR/empty), ``label`` and ``source`` (optional).
 
 The source name of a record is the manifest's ``source`` column, else the folder's or the manifest's name.
 
@@ -318,7 +318,7 @@ def _volume_manifest(manifest: Path, scan: SourceScan) -> None:
         path = row.path(column)
         modality = parse_modality(row.text("modality"))
         scan.origins.setdefault(path, f"{manifest} line {row.line}")
-        return VolumeRecord(path, row.text("source") or manifest.stem, modality)
+        return VolumeRecord(path, row.text("source") or manifest.stem, modality, row.text("label") or None)
 
     records, problems = table.parse(parse)
     scan.records.extend(records)

@@ -126,6 +126,7 @@ class VolumeRecord:
     path: str
     source: str  # name of the folder or manifest it came from
     modality: Modality | None = None  # None: decided when loading ("auto")
+    label: str | None = None  # a manifest's ``label`` cell (as ImageRecord.label); None for folder sources
 
 
 # ----------------------------------------------------------------------------------------------------

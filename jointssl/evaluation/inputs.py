@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from jointssl.data.discovery import ImageRecord, discover_images, discover_volumes
-from jointssl.data.manifest import read_manifest
 from jointssl.data.prediction_inputs import normalise
 from jointssl.data.volume_io import VolumeRecord, load_volume, resize_slices
 
@@ -70,24 +69,12 @@ def volumes_with_labels(sources: Sequence[str]) -> list[tuple[VolumeRecord, str 
     found = []
     for source in sources:
         root = Path(source)
-        manifest_labels = _manifest_labels(root) if root.is_file() and root.suffix.lower() == ".csv" else {}
         for record in discover_volumes([source]):
-            if root.is_dir():
+            label = record.label
+            if label is None and root.is_dir():
                 label = _folder_label(os.path.abspath(record.path), root)
-            else:
-                label = manifest_labels.get(record.path)
             found.append((record, label or None))
     return found
-
-
-def _manifest_labels(manifest: Path) -> dict[str, str]:
-    """path -> label of a volume manifest's rows (:mod:`jointssl.data.manifest`), paths resolved as
-    discover_volumes resolves them; empty without a label column."""
-    table = read_manifest(manifest, required=[("path", "image")], path_key=("path", "image"), what="volume manifest")
-    if table.column("label") is None:
-        return {}
-    column = table.column("path", "image")
-    return {row.path(column): row.text("label") for row in table.rows if row.text(column)}
 
 
 def preprocess_volume(record: VolumeRecord, volume_size: int, slice_stride: int = 1) -> Tensor:
