@@ -168,6 +168,24 @@ def dicom_short_pixel_data(folder: Path) -> Path:
     return series
 
 
+def dicom_broken_compressed_slice(folder: Path) -> Path:
+    """A 5-slice RLE-compressed CT series (decoded by pydicom itself) whose slice002.dcm holds a third of its
+    compressed stream: the headers are fine, only decoding that slice fails."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import RLELossless
+
+    series = write_dicom_series(folder / "rle")
+    for slice_path in sorted(series.iterdir()):
+        ds = pydicom.dcmread(slice_path)
+        ds.compress(RLELossless)
+        if slice_path.name == "slice002.dcm":
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[: len(frame) // 3]])
+        ds.save_as(slice_path)
+    return series
+
+
 def nifti_trailing_singletons(folder: Path) -> Path:
     """(X, Y, Z, 1, 1): a 3D volume with two trailing singleton axes."""
     return write_nifti(folder / "singletons.nii.gz", ct_like()[..., None, None])

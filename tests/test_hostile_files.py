@@ -362,6 +362,21 @@ def test_short_pixel_data_names_the_slice(tmp_path, capsys):
     assert_documented("dicom-short-pixel-data", finding(lines, series))
 
 
+def test_a_compressed_slice_that_cannot_be_decoded_is_named(tmp_path, capsys):
+    series = hostile.dicom_broken_compressed_slice(tmp_path)
+    code, lines = check_data_lines(capsys, "--volumes", str(series))
+    assert code == EXIT_BAD_FILES
+    assert_documented("dicom-undecodable-slice", finding(lines, series))
+    good = write_dicom_series(tmp_path / "good")  # the same series, every slice intact, compressed: decodes
+    import pydicom
+    from pydicom.uid import RLELossless
+    for slice_path in sorted(good.iterdir()):
+        ds = pydicom.dcmread(slice_path)
+        ds.compress(RLELossless)
+        ds.save_as(slice_path)
+    assert load_volume(good).array.shape[0] == 5
+
+
 @pytest.mark.parametrize("write", [hostile.nifti_trailing_singletons, hostile.npy_trailing_singletons])
 def test_trailing_singleton_axes_are_repaired_alike(write, tmp_path, capsys):
     """(X, Y, Z, 1, 1) loads as (X, Y, Z, 1) does, with a note, in every format."""

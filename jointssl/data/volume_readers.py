@@ -543,9 +543,19 @@ class DicomSeriesReader(VolumeReader):
         shape, modality, item_size = _check_dicom_series(path)
         return VolumeHeader(shape, None, (), modality, f"{8 * item_size}-bit pixels", item_size)
 
+    def decode(self, path: str, dtype: type = np.float32) -> MetaTensor:
+        try:
+            return super().decode(path, dtype)
+        except _SliceDecodeError as error:
+            raise BadFileError(path, str(error)) from error.__cause__
+
     def image_reader(self) -> ImageReader:
         # fname_regex=None: only files that are DICOM (preamble + "DICM") belong to the series, not stray files.
         return _SliceNormalPydicomReader(fname_regex=None)
+
+
+class _SliceDecodeError(Exception):
+    """One slice of a series whose pixel data cannot be decoded (its file name and why)."""
 
 
 class _SliceNormalPydicomReader(PydicomReader):
@@ -561,6 +571,19 @@ class _SliceNormalPydicomReader(PydicomReader):
         for rank, index in enumerate(np.argsort(positions, kind="stable")):
             data[index].InstanceNumber = rank
         return super()._combine_dicom_series(data, filenames)
+
+    def _get_array_data(self, img, filename):
+        # MONAI decodes slice by slice and lets the codec's error through without the file: with hundreds of
+        # slices, the one that fails (a broken JPEG stream, a codec pydicom lacks) must be named.
+        try:
+            return super()._get_array_data(img, filename)
+        except Exception as error:  # pydicom's plugins raise several types
+            syntax = getattr(getattr(img, "file_meta", None), "TransferSyntaxUID", None)
+            encoding = f"{syntax.name} ({syntax})" if syntax is not None else "unknown transfer syntax"
+            message = " ".join(str(error).split())
+            raise _SliceDecodeError(
+                f"{Path(filename).name}: cannot decode its pixel data, {encoding}: {type(error).__name__}: {message}"
+            ) from error
 
 
 def _check_dicom_series(folder: str) -> tuple[tuple[int, int, int], Modality | None, int]:
