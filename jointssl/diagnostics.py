@@ -13,6 +13,7 @@ learned nothing would get:
 
 All functions are pure, take detached tensors (they never build a graph) and compute in float32. The neighbour
 baseline is `jointssl.losses.masked.interpolate_masked_slices`, which L_mask also builds its prediction on.
+:class:`PooledMaskR2` is the same R^2 pooled over many batches, to judge a finished model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from jointssl.losses.masked import visible_slices
+from jointssl.losses.masked import interpolate_masked_slices, visible_slices
 
 
 @torch.no_grad()
@@ -72,11 +73,43 @@ def visible_mean_baseline(target: Tensor, mask: Tensor, padding_mask: Tensor | N
 
 
 @torch.no_grad()
+def masked_sse(predicted: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Sum of squared errors of ``predicted`` over the masked positions (float32 scalar)."""
+    t = target.detach().float()
+    return torch.where(mask.unsqueeze(-1), predicted.detach().float() - t, torch.zeros_like(t)).pow(2).sum()
+
+
+@torch.no_grad()
 def r2_against(predicted: Tensor, target: Tensor, baseline: Tensor, mask: Tensor) -> Tensor:
     """1 - SSE(predicted) / SSE(baseline) over the masked positions: > 0 beats the baseline, 1 is perfect.
     NaN when nothing is masked or the baseline is exact."""
-    selected = mask.unsqueeze(-1)
-    t = target.detach().float()
-    error = torch.where(selected, predicted.detach().float() - t, torch.zeros_like(t)).pow(2).sum()
-    reference = torch.where(selected, baseline.float() - t, torch.zeros_like(t)).pow(2).sum()
-    return 1.0 - error / reference
+    return 1.0 - masked_sse(predicted, target, mask) / masked_sse(baseline, target, mask)
+
+
+class PooledMaskR2:
+    """R^2 of masked-slice predictions against both baselines, pooled over many batches:
+    ``1 - sum SSE(predicted) / sum SSE(baseline)``.
+
+    The logged per-step figure is a ratio over one batch's few masked spans (with a volume batch of 2, a handful of
+    slices), so a 10-step mean of it swings by +-0.2 on real data; to judge a finished model, pool the errors over
+    a pass (or several) of its data instead. ``update`` takes what ``JointSSL.compute_losses`` returns in
+    ``out["diagnostics"]["mask"]``: (predicted, target, mask, padding)."""
+
+    BASELINES = ("mean", "neighbours")
+
+    def __init__(self) -> None:
+        self.sse = {"predicted": 0.0, **{name: 0.0 for name in self.BASELINES}}
+        self.masked = 0
+
+    def update(self, predicted: Tensor, target: Tensor, mask: Tensor, padding: Tensor | None) -> None:
+        baselines = {"mean": visible_mean_baseline(target, mask, padding),
+                     "neighbours": interpolate_masked_slices(target, mask, padding)}
+        self.sse["predicted"] += float(masked_sse(predicted, target, mask))
+        for name, baseline in baselines.items():
+            self.sse[name] += float(masked_sse(baseline, target, mask))
+        self.masked += int(mask.sum())
+
+    def r2(self) -> dict[str, float]:
+        """``{"vs_mean": ..., "vs_neighbours": ...}``; NaN for a baseline without error (or nothing masked)."""
+        return {f"vs_{name}": 1.0 - self.sse["predicted"] / self.sse[name] if self.sse[name] > 0 else math.nan
+                for name in self.BASELINES}

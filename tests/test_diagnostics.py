@@ -55,6 +55,26 @@ def test_mask_baselines_and_r2_by_hand() -> None:
     assert diagnostics.r2_against(predicted, target, mean, mask).item() == pytest.approx(1 - 1 / sse_mean)
 
 
+def test_pooled_mask_r2_sums_the_errors_of_every_batch_before_the_ratio() -> None:
+    # Batch 1: the hand example above (SSE predicted 1, neighbours 8, mean (4 - 17/3)^2 + (9 - 17/3)^2).
+    target = torch.tensor([0.0, 1.0, 4.0, 9.0, 16.0, 25.0]).view(1, 6, 1)
+    mask = torch.tensor([[False, False, True, True, False, False]])
+    padding = torch.tensor([[False, False, False, False, False, True]])
+    pooled = diagnostics.PooledMaskR2()
+    pooled.update(torch.tensor([0.0, 0.0, 5.0, 9.0, 0.0, 0.0]).view(1, 6, 1), target, mask, padding)
+    # Batch 2: slices 0, 2, 4 visible (values 0, 2, 4), slice 1 masked (value 3), predicted 3 (exact), no padding.
+    target2 = torch.tensor([0.0, 3.0, 2.0, 1.0, 4.0]).view(1, 5, 1)
+    mask2 = torch.tensor([[False, True, False, True, False]])
+    # Slice 3 (value 1) masked too, predicted 1.5: SSE predicted 0.25. Neighbours: slice 1 -> 1, slice 3 -> 3:
+    # SSE 4 + 4 = 8. Visible mean 2: SSE 1 + 1 = 2.
+    pooled.update(torch.tensor([0.0, 3.0, 0.0, 1.5, 0.0]).view(1, 5, 1), target2, mask2, None)
+    sse_mean = (4 - 17 / 3) ** 2 + (9 - 17 / 3) ** 2 + 2
+    assert pooled.r2()["vs_neighbours"] == pytest.approx(1 - 1.25 / 16)
+    assert pooled.r2()["vs_mean"] == pytest.approx(1 - 1.25 / sse_mean)
+    assert pooled.masked == 4
+    assert math.isnan(diagnostics.PooledMaskR2().r2()["vs_mean"])
+
+
 def test_neighbour_baseline_copies_the_one_side_at_the_ends() -> None:
     target = torch.arange(5.0).view(1, 5, 1)
     mask = torch.tensor([[True, True, False, False, True]])

@@ -172,10 +172,23 @@ def test_joint_run_on_real_slices_and_volumes_lowers_each_loss(tmp_path: Path) -
     # L_mask's prediction starts from interpolating the visible neighbours (losses/masked.py), so its loss starts
     # at that baseline's error and falling 10% would mean beating interpolation by 10%, which a 100-step run on
     # these 11 volumes does not (docs/results.md). What it must do: beat the visible slices' mean clearly, and not
-    # make the interpolation worse.
-    _, vs_mean = window_means(rows, "train/mask_r2_vs_mean", window=10)
-    _, vs_neighbours = window_means(rows, "train/mask_r2_vs_neighbours", window=10)
-    assert vs_mean > 0.2 and vs_neighbours > -0.1, (vs_mean, vs_neighbours)
+    # make the interpolation worse. Judged on the finished model in eval mode, the errors pooled over 3 passes of
+    # the data: the logged per-step R^2 (2 volumes, a few masked spans) swings by +-0.2 between 10-step means.
+    r2 = pooled_mask_r2(model, data, passes=3)
+    assert r2["vs_mean"] > 0.2 and r2["vs_neighbours"] > -0.05, r2
+
+
+def pooled_mask_r2(model: JointSSL, data: JointDataModule, passes: int) -> dict[str, float]:
+    """diagnostics.PooledMaskR2 of ``model`` (eval mode, no gradients) over ``passes`` of the training batches."""
+    from jointssl.diagnostics import PooledMaskR2
+
+    pooled, loader = PooledMaskR2(), data.train_dataloader()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(passes):
+            for batch, _, _ in loader:
+                pooled.update(*model.compute_losses(batch)["diagnostics"]["mask"])
+    return pooled.r2()
 
 
 @pytest.mark.ddp
