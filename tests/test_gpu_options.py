@@ -133,14 +133,20 @@ def test_joint_step_under_bf16_autocast_trains_and_matches_fp32() -> None:
         torch.testing.assert_close(losses["bf16"][term], losses["fp32"][term], rtol=0.03, atol=0.02, msg=term)
     assert not torch.equal(losses["bf16"]["loss"], losses["fp32"]["loss"])  # autocast did change the arithmetic
     # Training under autocast: finite losses and moving weights (fp32 master weights, as Lightning keeps them).
+    # oneDNN's CPU bf16 convolution backward reads uninitialised memory when a 3x3 stride-2 convolution sees a 1x1
+    # input (this tiny ResNet's layer4 at 32 px): NaN gradients whenever freed memory held NaN, i.e. depending on
+    # which tests ran before (tests/test_aggregator.py's paper-size run made this one fail in `make test`). Not
+    # jointssl's arithmetic, and not the GPU path (cuDNN), so the CPU check runs without oneDNN (reproduced by
+    # benchmarks/onednn_bf16_conv.py; benchmarks/README.md, GPU options).
     model.load_state_dict(state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(3):
         optimizer.zero_grad()
-        with bf16.forward_context():
+        with bf16.forward_context(), torch.backends.mkldnn.flags(enabled=False):
             loss = model.compute_losses(make_batch())["loss"]
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+            loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         optimizer.step()
     assert _first_conv(model.encoder).dtype == torch.float32
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, state[k])]
