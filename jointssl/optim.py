@@ -53,6 +53,55 @@ def decay_groups(parameters: Iterable[nn.Parameter], weight_decay: float) -> lis
     ]
 
 
+def upgrade_single_group_lars(checkpoint: dict[str, Any], parameters: Iterable[nn.Parameter]) -> bool:
+    """Rewrite, in place, the optimizer and scheduler state of a checkpoint written before jointssl's LARS became
+    timm's ``Lars`` over :func:`decay_groups` (2026-12-02): one param group holding every trainable parameter in
+    ``parameters`` order, with the keys of jointssl's own LARS class (``trust_coefficient``, ``clip``,
+    ``exclude_bias_and_norm``). Its updates were the ones :func:`lars` makes (the ``ndim <= 1`` tensors neither
+    adapted nor decayed), so the momentum buffers carry over unchanged; the group becomes the two groups :func:`lars`
+    builds now, and the LambdaLR state gets one base and last learning rate per group. Returns whether it did.
+
+    ``parameters``: the model's parameters (the trainable ones are taken), as :func:`lars` receives them. A checkpoint
+    whose group does not list exactly that many parameters is left as it is (torch then reports the mismatch)."""
+    optimizers = checkpoint.get("optimizer_states") or []
+    if len(optimizers) != 1 or len(optimizers[0].get("param_groups", ())) != 1:
+        return False
+    saved = optimizers[0]
+    old = saved["param_groups"][0]
+    trainable = [p for p in parameters if p.requires_grad]
+    if "trust_coefficient" not in old or len(old["params"]) != len(trainable):
+        return False
+    position = {id(p): i for i, p in enumerate(trainable)}
+    # The groups lars() builds now, with every key of their optimizer's defaults (torch's load_state_dict takes the
+    # saved group's keys as the group's settings, so none may be missing).
+    template = lars([nn.Parameter(torch.zeros(1, 1)), nn.Parameter(torch.zeros(1))], lr=old["lr"],
+                    momentum=old["momentum"], weight_decay=old["weight_decay"],
+                    trust_coefficient=old["trust_coefficient"]).param_groups
+    groups, state, index = [], {}, 0
+    for template_group, members in zip(template, decay_groups(trainable, old["weight_decay"])):
+        group = {key: value for key, value in template_group.items() if key != "params"}
+        group.update({key: old[key] for key in ("lr", "initial_lr") if key in old})
+        if "trust_coeff" in group:  # timm's Lars (SGD when the trust coefficient is 0)
+            group.update(eps=old["eps"], trust_clip=old["clip"])
+        group["params"] = []
+        for parameter in members["params"]:
+            old_index = old["params"][position[id(parameter)]]
+            if old_index in saved["state"]:
+                state[index] = saved["state"][old_index]
+            group["params"].append(index)
+            index += 1
+        groups.append(group)
+    saved["param_groups"], saved["state"] = groups, state
+    for scheduler in checkpoint.get("lr_schedulers") or []:
+        for key in ("base_lrs", "_last_lr"):
+            if isinstance(scheduler.get(key), list) and len(scheduler[key]) == 1:
+                scheduler[key] = scheduler[key] * len(groups)
+        lambdas = scheduler.get("lr_lambdas")
+        if isinstance(lambdas, list) and len(lambdas) == 1:
+            scheduler["lr_lambdas"] = [lambdas[0]] + [dict(lambdas[0]) if lambdas[0] else None] * (len(groups) - 1)
+    return True
+
+
 class WarmupCosine:
     """LR multiplier for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up, then cosine decay.
 

@@ -35,7 +35,7 @@ from jointssl.losses import (
 from jointssl.models import AggregatorConfig, MaskDecoder, VolumeEncoder
 from jointssl.models.aggregator import standardise_slices
 from jointssl.objectives import build_objective
-from jointssl.optim import lars, warmup_cosine_scheduler
+from jointssl.optim import lars, upgrade_single_group_lars, warmup_cosine_scheduler
 
 log = logging.getLogger("jointssl")
 
@@ -610,6 +610,8 @@ class JointSSL(LightningModule):
             raise ValueError(
                 f"checkpoint format version {version!r} is not the {CHECKPOINT_FORMAT_VERSION} this jointssl reads"
             )
+        if upgrade_single_group_lars(checkpoint, self.parameters()):
+            log.info("checkpoint from before timm's Lars: its one optimizer group split into the two used now")
         self._restore_rank_state(checkpoint)
 
     def _restore_rank_state(self, checkpoint: dict[str, Any]) -> None:

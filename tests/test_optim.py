@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from jointssl.optim import WarmupCosine, decay_groups, lars, warmup_cosine_lambda
+from jointssl.optim import WarmupCosine, decay_groups, lars, upgrade_single_group_lars, warmup_cosine_lambda
 
 
 def _param(values: list[list[float]] | list[float]) -> nn.Parameter:
@@ -136,6 +136,71 @@ def test_state_dict_round_trip_resumes_identically() -> None:
         opt.step()
     for p, q in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def pre_lars_layout(optimizer_state: dict, scheduler_state: dict, parameters: list[nn.Parameter],
+                    groups: list[list[nn.Parameter]]) -> dict:
+    """What jointssl's own LARS class saved before timm's Lars (2026-12-02): one group with every trainable
+    parameter in model order, its own keys, the state keyed by that order; a LambdaLR over that one group."""
+    index_now = {id(p): i for i, p in enumerate(q for group in groups for q in group)}
+    group = optimizer_state["param_groups"][0]
+    old_group = {"lr": group["lr"], "momentum": group["momentum"], "weight_decay": group["weight_decay"],
+                 "trust_coefficient": group["trust_coeff"], "clip": False, "exclude_bias_and_norm": True, "eps": 1e-8,
+                 "initial_lr": group["initial_lr"], "params": list(range(len(parameters)))}
+    state = {i: optimizer_state["state"][index_now[id(p)]] for i, p in enumerate(parameters)
+             if index_now[id(p)] in optimizer_state["state"]}
+    scheduler = {**scheduler_state, "base_lrs": scheduler_state["base_lrs"][:1],
+                 "_last_lr": scheduler_state["_last_lr"][:1], "lr_lambdas": scheduler_state["lr_lambdas"][:1]}
+    return {"optimizer_states": [{"state": state, "param_groups": [old_group]}], "lr_schedulers": [scheduler]}
+
+
+def test_a_checkpoint_of_the_one_group_lars_resumes_as_the_two_group_one() -> None:
+    torch.manual_seed(0)
+    # Weights and biases interleaved, so the old order (model order) and the new (weights, then biases) differ.
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    frozen = model[1].weight
+    frozen.requires_grad_(False)  # not trainable: in neither layout
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def build(module):
+        opt = lars(module.parameters(), lr=0.3, weight_decay=1e-2)
+        return opt, LambdaLR(opt, warmup_cosine_lambda(1, 6, 0.1))
+
+    optimizer, scheduler = build(model)
+    grads = [[torch.randn_like(p) for p in trainable] for _ in range(4)]
+
+    def step(module, opt, sched, grad_list):
+        for p, g in zip([q for q in module.parameters() if q.requires_grad], grad_list):
+            p.grad = g.clone()
+        opt.step()
+        sched.step()
+
+    for g in grads[:2]:
+        step(model, optimizer, scheduler, g)
+    checkpoint = pre_lars_layout(optimizer.state_dict(), scheduler.state_dict(), trainable,
+                                 [group["params"] for group in optimizer.param_groups])
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # serialised: a live state_dict shares its buffers with the optimizer
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    clone = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    clone.load_state_dict(model.state_dict())
+    clone[1].weight.requires_grad_(False)
+    assert upgrade_single_group_lars(checkpoint, clone.parameters())
+    assert not upgrade_single_group_lars(checkpoint, clone.parameters())  # already the current layout
+    clone_optimizer, clone_scheduler = build(clone)
+    clone_optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    clone_scheduler.load_state_dict(checkpoint["lr_schedulers"][0])
+    for g in grads[2:]:
+        step(model, optimizer, scheduler, g)
+        step(clone, clone_optimizer, clone_scheduler, g)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert [g["lr"] for g in clone_optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    # Another number of trainable parameters: left alone, for torch to report.
+    other = pre_lars_layout(optimizer.state_dict(), scheduler.state_dict(), trainable,
+                            [group["params"] for group in optimizer.param_groups])
+    assert not upgrade_single_group_lars(other, nn.Linear(2, 2).parameters())
 
 
 def test_decay_groups() -> None:
