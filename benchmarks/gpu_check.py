@@ -194,9 +194,14 @@ class Runner:
 
     def step(self, batch: dict[str, Any]) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        with self.forward_context():
-            loss = self.ddp(batch)
-        loss.backward()
+        # On CPU, oneDNN's bf16 convolution backward gives NaN gradients on 1x1 inputs (uninitialised memory; the
+        # dry run's test_resnet at 32 px reaches 1x1): bf16 runs there without oneDNN (benchmarks/README.md, GPU
+        # options; onednn_bf16_conv.py). Not on a GPU, where the convolutions are cuDNN's.
+        without_onednn = self.autocast and self.device.type == "cpu"
+        with torch.backends.mkldnn.flags(enabled=not without_onednn):
+            with self.forward_context():
+                loss = self.ddp(batch)
+            loss.backward()
         self.optimizer.step()
         return loss.detach()
 
