@@ -180,7 +180,6 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         raise failure from error
 
 
-
 def write_json(path: str | os.PathLike[str], data: Any, indent: int | None = 2, default: Callable | None = None) -> None:
     """``data`` as a JSON file (ending in a newline) through :func:`write_atomic`: the one way jointssl and its
     benchmarks write a report, so that an interrupted run never leaves half a JSON document."""

@@ -72,6 +72,10 @@ def visible_mean_baseline(target: Tensor, mask: Tensor, padding_mask: Tensor | N
     return mean.expand_as(t)
 
 
+#: The trivial predictors of a masked slice that L_mask is read against: name -> (target, mask, padding) -> [B, N, D].
+MASK_BASELINES = {"mean": visible_mean_baseline, "neighbours": interpolate_masked_slices}
+
+
 @torch.no_grad()
 def masked_sse(predicted: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Sum of squared errors of ``predicted`` over the masked positions (float32 scalar)."""
@@ -95,21 +99,17 @@ class PooledMaskR2:
     a pass (or several) of its data instead. ``update`` takes what ``JointSSL.compute_losses`` returns in
     ``out["diagnostics"]["mask"]``: (predicted, target, mask, padding)."""
 
-    BASELINES = ("mean", "neighbours")
-
     def __init__(self) -> None:
-        self.sse = {"predicted": 0.0, **{name: 0.0 for name in self.BASELINES}}
+        self.sse = {"predicted": 0.0, **{name: 0.0 for name in MASK_BASELINES}}
         self.masked = 0
 
     def update(self, predicted: Tensor, target: Tensor, mask: Tensor, padding: Tensor | None) -> None:
-        baselines = {"mean": visible_mean_baseline(target, mask, padding),
-                     "neighbours": interpolate_masked_slices(target, mask, padding)}
         self.sse["predicted"] += float(masked_sse(predicted, target, mask))
-        for name, baseline in baselines.items():
-            self.sse[name] += float(masked_sse(baseline, target, mask))
+        for name, baseline in MASK_BASELINES.items():
+            self.sse[name] += float(masked_sse(baseline(target, mask, padding), target, mask))
         self.masked += int(mask.sum())
 
     def r2(self) -> dict[str, float]:
         """``{"vs_mean": ..., "vs_neighbours": ...}``; NaN for a baseline without error (or nothing masked)."""
         return {f"vs_{name}": 1.0 - self.sse["predicted"] / self.sse[name] if self.sse[name] > 0 else math.nan
-                for name in self.BASELINES}
+                for name in MASK_BASELINES}

@@ -567,9 +567,7 @@ class JointSSL(LightningModule):
             values["intra_embedding_norm"] = diagnostics.mean_norm(inputs["intra_features"])
         if "mask" in inputs:
             predicted, target, mask, padding = inputs["mask"]
-            for baseline_name, baseline in (
-                ("mean", diagnostics.visible_mean_baseline), ("neighbours", interpolate_masked_slices)
-            ):
+            for baseline_name, baseline in diagnostics.MASK_BASELINES.items():
                 values[f"mask_r2_vs_{baseline_name}"] = diagnostics.r2_against(
                     predicted, target, baseline(target, mask, padding), mask
                 )
